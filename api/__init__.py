@@ -1,0 +1,23 @@
+"""The HTTP front end: validates requests, stores jobs in Redis, enqueues them by task name. No torch here."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from shared.config import Settings
+
+
+def create_app(config: Settings | None = None) -> Flask:
+    """The Flask app; `config` defaults to settings read from the environment."""
+    from api import errors, health, jobs, openapi, state
+
+    settings = config if config is not None else Settings.from_env()
+    app = Flask(__name__)
+    # Flask refuses larger bodies with 413 before a view reads them.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    state.init_app(app, settings)
+    errors.init_app(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    app.register_blueprint(openapi.bp)
+    return app

@@ -1,0 +1,63 @@
+"""Where every error becomes an HTTP status and a JSON body `{"error": {"type", "message", "details"?}}`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from flask import Flask, Response, jsonify
+from kombu.exceptions import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from shared import errors
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[type[errors.RagqError], int] = {
+    errors.BadRequest: 400,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.PayloadTooLarge: 413,
+    errors.ValidationFailed: 422,
+    errors.Unavailable: 503,
+}
+RETRY_AFTER_S = 5
+
+
+def error_response(status: int, type_: str, message: str, details: Any = None) -> tuple[Response, int]:
+    body: dict[str, Any] = {"type": type_, "message": message}
+    if details is not None:
+        body["details"] = details
+    response = jsonify(error=body)
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response, status
+
+
+def init_app(app: Flask) -> None:
+    """Register the handlers that turn exceptions into JSON errors."""
+
+    @app.errorhandler(errors.RagqError)
+    def ragq_error(exc: errors.RagqError) -> tuple[Response, int]:
+        return error_response(STATUS.get(type(exc), 500), exc.type, exc.message, exc.details)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        if status == 413:
+            return error_response(413, errors.PayloadTooLarge.type, "request body is larger than the configured limit")
+        type_ = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(status, type_, exc.description or exc.name)
+
+    @app.errorhandler(redis.exceptions.ConnectionError)
+    @app.errorhandler(redis.exceptions.TimeoutError)
+    @app.errorhandler(OperationalError)
+    def redis_down(exc: Exception) -> tuple[Response, int]:
+        log.warning("redis unavailable: %s", exc)
+        return error_response(503, errors.Unavailable.type, "the job store (Redis) is unavailable; retry later")
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal server error")

@@ -1,0 +1,104 @@
+"""`/v1/jobs`: submit, read (with long-poll), cancel."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pydantic
+from flask import Blueprint, Response, jsonify, request, url_for
+
+from api import state
+from shared.broker import enqueue
+from shared.config import MAX_WAIT_S
+from shared.errors import BadRequest, Conflict, NotFound, Unavailable, ValidationFailed
+from shared.jobs import Job, JobRequestBase, JobStatus
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+
+@bp.post("")
+def submit() -> tuple[Response, int, dict[str, str]]:
+    """Validate, store and enqueue a job; 202 with the job and its Location."""
+    api = state.get()
+    job_request = validate(api.job_request, read_json())
+    job = Job.new(job_request, api.settings.default_model.name)
+    api.store.create(job)
+    try:
+        enqueue(api.celery, job.id, job.model)
+    except Exception as exc:
+        # Leave nothing half-written: a stored job that no worker will ever see is worse than none.
+        try:
+            api.store.delete(job.id)
+        except Exception:
+            pass
+        raise Unavailable("the queue (Redis) is unavailable; the job was not accepted") from exc
+    location = url_for("jobs.read", job_id=job.id)
+    return jsonify(job.to_public()), 202, {"Location": location}
+
+
+@bp.get("/<job_id>")
+def read(job_id: str) -> dict[str, Any]:
+    """The job; `?wait=N` blocks up to N seconds until it is finished."""
+    wait_s = parse_wait(request.args.get("wait"))
+    job = state.get().store.wait_until_final(checked_id(job_id), wait_s)
+    return job.to_public()
+
+
+@bp.delete("/<job_id>")
+def cancel(job_id: str) -> dict[str, Any]:
+    """Cancel a queued or running job; 409 if it has already finished."""
+    store = state.get().store
+    outcome = store.transition(checked_id(job_id), JobStatus.CANCELLED, finished_at=time.time())
+    if outcome.previous is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    if not outcome.applied:
+        raise Conflict(f"job is already {outcome.previous.value}", details={"status": outcome.previous.value})
+    return store.get(job_id).to_public()
+
+
+def read_json() -> Any:
+    """The request body as JSON, or a 400 that says why not."""
+    if not request.is_json:
+        raise BadRequest("Content-Type must be application/json")
+    raw = request.get_data(cache=False)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+
+
+def validate(model: type[JobRequestBase], data: Any) -> JobRequestBase:
+    """Validate `data` against `model`; 422 listing every problem."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        details = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "(body)", "message": err["msg"], "type": err["type"]}
+            for err in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        raise ValidationFailed("request is invalid", details=details) from exc
+
+
+def parse_wait(raw: str | None) -> float:
+    """`?wait=` in seconds, 0..MAX_WAIT_S."""
+    if raw is None:
+        return 0.0
+    try:
+        wait_s = float(raw)
+    except ValueError:
+        wait_s = -1.0
+    if not 0 <= wait_s <= MAX_WAIT_S:
+        raise ValidationFailed(f"wait must be a number of seconds between 0 and {MAX_WAIT_S}", details={"wait": raw})
+    return wait_s
+
+
+def checked_id(job_id: str) -> str:
+    """Job ids are UUIDs; anything else cannot name a job."""
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        raise NotFound(f"no job with id {job_id!r}") from None
+    return job_id

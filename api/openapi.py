@@ -1,0 +1,111 @@
+"""`GET /openapi.json`: an OpenAPI 3.1 document built from the same pydantic models that validate requests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint
+from pydantic.json_schema import models_json_schema
+
+from api import state
+from shared.config import MAX_WAIT_S
+from shared.jobs import JobView
+
+bp = Blueprint("openapi", __name__)
+
+REF = "#/components/schemas/{model}"
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}, "details": {}},
+        }
+    },
+}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
+
+
+def _job(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model="JobView")}}}}
+
+
+def build_document() -> dict[str, Any]:
+    """The OpenAPI document for this app's settings (bounds and served models included)."""
+    job_request = state.get().job_request
+    _, schemas = models_json_schema([(job_request, "validation"), (JobView, "serialization")], ref_template=REF)
+    components = schemas.get("$defs", {})
+    components["Error"] = ERROR_SCHEMA
+    job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    not_found = _error("No such job")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ragq", "version": "1", "description": "Retrieval-augmented question answering jobs."},
+        "paths": {
+            "/v1/jobs": {
+                "post": {
+                    "summary": "Submit a question",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"$ref": REF.format(model=job_request.__name__)}}},
+                    },
+                    "responses": {
+                        "202": _job("Job accepted and queued"),
+                        "400": _error("Body is not JSON"),
+                        "413": _error("Body too large"),
+                        "422": _error("Validation failed"),
+                        "503": _error("Redis unavailable"),
+                    },
+                }
+            },
+            "/v1/jobs/{job_id}": {
+                "get": {
+                    "summary": "Read a job, optionally waiting for it to finish",
+                    "parameters": [
+                        job_id,
+                        {
+                            "name": "wait",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
+                        },
+                    ],
+                    "responses": {
+                        "200": _job("The job"),
+                        "404": not_found,
+                        "422": _error("Bad wait"),
+                        "503": _error("Redis unavailable"),
+                    },
+                },
+                "delete": {
+                    "summary": "Cancel a queued or running job",
+                    "parameters": [job_id],
+                    "responses": {
+                        "200": _job("The cancelled job"),
+                        "404": not_found,
+                        "409": _error("Job already finished"),
+                        "503": _error("Redis unavailable"),
+                    },
+                },
+            },
+            "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {
+                "get": {
+                    "summary": "Redis is reachable",
+                    "responses": {"200": {"description": "ready"}, "503": _error("Redis unavailable")},
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }
+
+
+@bp.get("/openapi.json")
+def openapi() -> dict[str, Any]:
+    """The OpenAPI document."""
+    return build_document()

@@ -1,0 +1,38 @@
+"""The API's resources (settings, job store, Celery producer), owned here and reached through `get()`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from celery import Celery
+from flask import Flask, current_app
+
+from shared.broker import make_celery
+from shared.config import Settings
+from shared.jobs import JobRequestBase, request_model_for
+from shared.store import JobStore, connect
+
+
+@dataclass(frozen=True)
+class ApiState:
+    settings: Settings
+    store: JobStore
+    celery: Celery
+    job_request: type[JobRequestBase]
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Create the resources once per app; connections open lazily on first use."""
+    client = connect(settings.effective_redis_url)
+    app.extensions["ragq"] = ApiState(
+        settings=settings,
+        store=JobStore(client, settings.result_ttl_s),
+        celery=make_celery(settings),
+        job_request=request_model_for(settings),
+    )
+
+
+def get() -> ApiState:
+    """The current app's resources."""
+    state: ApiState = current_app.extensions["ragq"]
+    return state

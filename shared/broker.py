@@ -1,0 +1,53 @@
+"""The Celery app both sides build from the settings. The API only sends tasks by name through it."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared import keys
+from shared.config import Settings
+
+ANSWER_TASK = "ragq.answer"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for at-least-once delivery of JSON messages over Redis."""
+    app = Celery("ragq", broker=settings.effective_redis_url, set_as_current=False)
+    app.conf.update(
+        # JSON only: a pickle message is refused before anything of it runs.
+        task_serializer="json",
+        result_serializer="json",
+        event_serializer="json",
+        accept_content=["json"],
+        # Results live in our own job records; Celery's result backend stays off.
+        task_ignore_result=True,
+        # Acknowledge after the job's result is stored, and give a message back to the queue when
+        # the process running it dies, so a killed worker loses nothing.
+        # https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-acks-late
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A worker reserves only what it runs: jobs left in Redis can go to any idle worker.
+        worker_prefetch_multiplier=1,
+        task_time_limit=settings.task_time_limit_s,
+        task_soft_time_limit=max(1, settings.task_time_limit_s - 5),
+        # Redis redelivers an unacknowledged message after this; it must outlast the time limit
+        # (Settings enforces that) or long jobs run twice.
+        # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Without this a lost broker connection leaves late-ack tasks running whose messages are
+        # redelivered anyway; Celery 6 makes it the default.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        broker_connection_retry_on_startup=True,
+        # The API must answer 503 quickly when Redis is down instead of retrying for long.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        # The parent waits for a pool child's start-up, which includes loading the model.
+        worker_proc_alive_timeout=settings.model_load_timeout_s,
+        task_default_queue=keys.model_queue(settings.default_model.name),
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, job_id: str, model_name: str) -> None:
+    """Put a job on its model's queue, by task name, so the API never imports worker code."""
+    app.send_task(ANSWER_TASK, args=[job_id], queue=keys.model_queue(model_name))

@@ -1,0 +1,215 @@
+"""One typed configuration object, built once from the environment at start-up and passed in."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+from shared.models import ModelSpec, parse_model_list, parse_model_spec
+
+ENV_PREFIX = "RAGQ_"
+
+# Bounds that requests may never exceed, whatever the configuration says.
+MAX_TOP_K = 20
+MAX_NUM_BEAMS = 8
+MAX_WAIT_S = 60
+HARD_MAX_NEW_TOKENS = 4096
+HARD_MAX_QUESTION_CHARS = 20_000
+
+
+def _setting(env: str, default: Any, help: str, *, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"env": env, "help": help, "lo": lo, "hi": hi})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of ragq. Build it with `Settings.from_env()`; tests build it directly."""
+
+    redis_url: str | None = _setting(
+        "REDIS_URL", None, "Redis for broker and job store. `ragq serve` starts an embedded one when unset."
+    )
+    default_model: ModelSpec = _setting(
+        "RAGQ_MODEL", ModelSpec.parse("flan-t5-base"), "Default model: alias, Hugging Face id or local directory."
+    )
+    extra_models: tuple[ModelSpec, ...] = _setting(
+        "RAGQ_MODELS", (), "Other served models, `alias=source,...`."
+    )
+    worker_model: str | None = _setting(
+        "RAGQ_WORKER_MODEL", None, "Served model a worker started without `--model` serves. Unset: the default model."
+    )
+    documents: str | None = _setting(
+        "RAGQ_DOCUMENTS", None, "FAQ corpus: JSON file path or http(s) URL. Unset: the built-in ragq FAQ."
+    )
+    device: str = _setting("RAGQ_DEVICE", "auto", "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N` or `mps`.")
+    dtype: str = _setting("RAGQ_DTYPE", "auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16`, `float16`.")
+    data_dir: Path = _setting("RAGQ_DATA_DIR", Path(".ragq"), "Embedded Redis data, corpus cache, fallback model.")
+    prompt_template: str | None = _setting(
+        "RAGQ_PROMPT_TEMPLATE_FILE", None, "File with a prompt template using `{question}` and `{context}`."
+    )
+    host: str = _setting("RAGQ_HOST", "127.0.0.1", "Address the API listens on.")
+    port: int = _setting("RAGQ_PORT", 8000, "Port the API listens on.", lo=1, hi=65535)
+    api_threads: int = _setting("RAGQ_API_THREADS", 64, "Threads per API process (each long-poll holds one).", lo=1, hi=1024)
+    result_ttl_s: int = _setting("RAGQ_RESULT_TTL_S", 7 * 24 * 3600, "Seconds a finished job is kept.", lo=60, hi=365 * 24 * 3600)
+    task_time_limit_s: int = _setting("RAGQ_TASK_TIME_LIMIT_S", 600, "Hard limit on one job's run.", lo=10, hi=24 * 3600)
+    visibility_timeout_s: int = _setting(
+        "RAGQ_VISIBILITY_TIMEOUT_S", 3600, "Seconds before an unacknowledged message is redelivered.", lo=60, hi=7 * 24 * 3600
+    )
+    model_load_timeout_s: int = _setting(
+        "RAGQ_MODEL_LOAD_TIMEOUT_S", 1800, "Seconds a worker process may spend loading its model.", lo=10, hi=24 * 3600
+    )
+    max_question_chars: int = _setting(
+        "RAGQ_MAX_QUESTION_CHARS", 2000, "Longest accepted question.", lo=1, hi=HARD_MAX_QUESTION_CHARS
+    )
+    max_new_tokens: int = _setting(
+        "RAGQ_MAX_NEW_TOKENS", 1024, "Cap on a job's `params.max_new_tokens`.", lo=1, hi=HARD_MAX_NEW_TOKENS
+    )
+    max_input_tokens: int | None = _setting(
+        "RAGQ_MAX_INPUT_TOKENS", None, "Prompt length cap in tokens. Unset: the model's own limit.", lo=16, hi=1_000_000
+    )
+    max_body_bytes: int = _setting("RAGQ_MAX_BODY_BYTES", 64 * 1024, "Largest accepted request body.", lo=1024, hi=1 << 30)
+    fallback_tiny_model: bool = _setting(
+        "RAGQ_FALLBACK_TINY_MODEL", False, "Serve a tiny local model when the configured one cannot be had."
+    )
+
+    def __post_init__(self) -> None:
+        if self.task_time_limit_s >= self.visibility_timeout_s:
+            # Redis redelivers any unacknowledged message after the visibility timeout, so a job
+            # allowed to run longer than that would be run twice while still running.
+            raise ConfigError(
+                f"RAGQ_TASK_TIME_LIMIT_S ({self.task_time_limit_s}) must be below "
+                f"RAGQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})"
+            )
+        names = [m.name for m in self.served_models]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"RAGQ_MODELS repeats a model name: {', '.join(names)}")
+        if self.worker_model is not None and self.worker_model not in names:
+            raise ConfigError(f"RAGQ_WORKER_MODEL {self.worker_model!r} is not served; served: {', '.join(names)}")
+
+    @property
+    def served_models(self) -> tuple[ModelSpec, ...]:
+        """The default model first, then the others."""
+        return (self.default_model, *self.extra_models)
+
+    def model(self, name: str) -> ModelSpec:
+        """The served model called `name`."""
+        for spec in self.served_models:
+            if spec.name == name:
+                return spec
+        raise ConfigError(f"model {name!r} is not served; served: {', '.join(self.model_names)}")
+
+    @property
+    def worker_spec(self) -> ModelSpec:
+        """The model this process serves when it is a worker."""
+        return self.model(self.worker_model or self.default_model.name)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.served_models]
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or "redis://127.0.0.1:6379/0"
+
+    def read_prompt_template(self) -> str | None:
+        """The prompt template file's text, if one is configured."""
+        if self.prompt_template is None:
+            return None
+        try:
+            return Path(self.prompt_template).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"RAGQ_PROMPT_TEMPLATE_FILE cannot be read: {exc}") from exc
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that rebuild these settings in a child process."""
+        env: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            env[f.metadata["env"]] = _format(value)
+        return env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from the environment; unknown `RAGQ_*` variables are an error."""
+        environ = os.environ if environ is None else environ
+        known = {f.metadata["env"]: f for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values: dict[str, Any] = {}
+        for env_name, f in known.items():
+            raw = environ.get(env_name)
+            if raw is None or raw.strip() == "":
+                continue
+            values[f.name] = _parse(f, raw.strip())
+        return cls(**values)
+
+    @classmethod
+    def documented(cls) -> list[tuple[str, str, str, str]]:
+        """(variable, default, limit, meaning) for every setting, as the README's table shows them."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default
+            shown = "unset" if default is None else _format(default)
+            lo, hi = f.metadata["lo"], f.metadata["hi"]
+            limit = f"{lo}..{hi}" if lo is not None else ""
+            rows.append((f.metadata["env"], shown, limit, f.metadata["help"]))
+        return rows
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, ModelSpec):
+        return value.to_text()
+    if isinstance(value, tuple):
+        return ",".join(v.to_text() for v in value)
+    return str(value)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "default_model": parse_model_spec,
+    "extra_models": parse_model_list,
+    "data_dir": Path,
+}
+_CHOICES = {
+    "dtype": {"auto", "float32", "bfloat16", "float16"},
+}
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    env_name = f.metadata["env"]
+    try:
+        if f.name in _PARSERS:
+            return _PARSERS[f.name](raw)
+        if f.name in _CHOICES:
+            if raw not in _CHOICES[f.name]:
+                raise ValueError(f"must be one of {', '.join(sorted(_CHOICES[f.name]))}")
+            return raw
+        if f.name == "device":
+            if raw not in {"auto", "cpu", "cuda", "mps"} and not (raw.startswith("cuda:") and raw[5:].isdigit()):
+                raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+            return raw
+        if f.type in ("bool",):
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
+                raise ValueError("must be 1 or 0")
+            return raw.lower() in {"1", "true", "yes"}
+        if f.type in ("int", "int | None"):
+            number = int(raw)
+            lo, hi = f.metadata["lo"], f.metadata["hi"]
+            if (lo is not None and number < lo) or (hi is not None and number > hi):
+                raise ValueError(f"must be between {lo} and {hi}")
+            return number
+        if f.name == "redis_url" and not raw.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return raw
+    except ConfigError as exc:
+        raise ConfigError(f"{env_name}: {exc.message}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{env_name}={raw!r}: {exc}") from exc

@@ -1,0 +1,203 @@
+"""The job: its status state machine, the request that creates it, and the record clients read."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from shared.config import MAX_NUM_BEAMS, MAX_TOP_K, Settings
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return not TRANSITIONS[self]
+
+
+# running -> running is a redelivery: the worker that held the job died (or outlived the visibility
+# timeout) and another worker takes it over; only one of them can make the final transition.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset({JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def allowed_sources(target: JobStatus) -> list[JobStatus]:
+    """Statuses from which a job may move to `target`."""
+    return [status for status, targets in TRANSITIONS.items() if target in targets]
+
+
+class GenerationParamsBase(BaseModel):
+    """Generation knobs a job may set; unset ones take the model family's defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class JobRequestBase(BaseModel):
+    """Body of `POST /v1/jobs`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+@functools.cache
+def request_model(question_chars_cap: int, new_tokens_cap: int, model_names: tuple[str, ...]) -> type[JobRequestBase]:
+    """The request model with this deployment's bounds, so validation and the OpenAPI document agree."""
+
+    class GenerationParams(GenerationParamsBase):
+        max_new_tokens: int | None = Field(None, ge=1, le=new_tokens_cap, description="Tokens to generate at most.")
+        min_new_tokens: int | None = Field(None, ge=0, le=new_tokens_cap, description="Tokens to generate at least.")
+        num_beams: int | None = Field(None, ge=1, le=MAX_NUM_BEAMS, description="Beam search width.")
+        do_sample: bool | None = Field(None, description="Sample instead of greedy or beam search.")
+        temperature: float | None = Field(None, gt=0, le=5, description="Sampling temperature.")
+        top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
+        top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k likeliest tokens.")
+
+    class JobRequest(JobRequestBase):
+        question: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=question_chars_cap)]
+        course: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+            None, description="Only retrieve FAQ entries of this course."
+        )
+        model: Literal[model_names] | None = Field(  # type: ignore[valid-type]
+            None, description="A served model; the default model when omitted."
+        )
+        top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="FAQ entries to retrieve.")
+        params: GenerationParams = Field(default_factory=GenerationParams)
+
+    return JobRequest
+
+
+def request_model_for(settings: Settings) -> type[JobRequestBase]:
+    """`request_model` for these settings."""
+    return request_model(settings.max_question_chars, settings.max_new_tokens, tuple(settings.model_names))
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as an ISO 8601 UTC string."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Job:
+    """One question's record, as stored in Redis and shown to clients."""
+
+    id: str
+    status: JobStatus
+    question: str
+    model: str
+    course: str | None = None
+    top_k: int = 5
+    params: dict[str, Any] = field(default_factory=dict)
+    answer: str | None = None
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, int] = field(default_factory=dict)
+    served_by: str | None = None
+    worker: str | None = None
+    attempts: int = 0
+
+    @classmethod
+    def new(cls, request: JobRequestBase, default_model: str) -> Job:
+        """A queued job for a validated request."""
+        data = request.model_dump()
+        return cls(
+            id=str(uuid.uuid4()),
+            status=JobStatus.QUEUED,
+            question=data["question"],
+            course=data["course"],
+            model=data["model"] or default_model,
+            top_k=data["top_k"],
+            params={k: v for k, v in data["params"].items() if v is not None},
+            created_at=time.time(),
+        )
+
+    def to_redis(self) -> dict[str, str]:
+        """Hash fields: status as-is (the transition script compares it), everything else JSON."""
+        fields = {k: json.dumps(v) for k, v in asdict(self).items() if k != "status"}
+        fields["status"] = self.status.value
+        return fields
+
+    @classmethod
+    def from_redis(cls, fields: dict[str, str]) -> Job:
+        values: dict[str, Any] = {k: json.loads(v) for k, v in fields.items() if k != "status"}
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(status=JobStatus(fields["status"]), **{k: v for k, v in values.items() if k in known})
+
+    def to_public(self) -> dict[str, Any]:
+        """The job as the API returns it, checked against the documented `JobView` schema."""
+        data = asdict(self)
+        for name in ("created_at", "started_at", "finished_at"):
+            data[name] = iso(data[name])
+        return JobView.model_validate(data).model_dump(mode="json")
+
+
+class SourceView(BaseModel):
+    """A retrieved FAQ entry, in rank order."""
+
+    id: str
+    course: str
+    section: str
+    question: str
+    in_prompt: bool = Field(description="False when the entry was dropped to fit the model's input length.")
+
+
+class JobErrorView(BaseModel):
+    type: str
+    message: str
+
+
+class TimingsView(BaseModel):
+    queue_ms: float | None = None
+    retrieval_ms: float | None = None
+    generation_ms: float | None = None
+    total_ms: float | None = None
+
+
+class UsageView(BaseModel):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class JobView(BaseModel):
+    """A job as `GET /v1/jobs/<id>` returns it."""
+
+    id: str
+    status: JobStatus
+    question: str
+    course: str | None
+    model: str
+    top_k: int
+    params: dict[str, Any]
+    answer: str | None
+    sources: list[SourceView]
+    error: JobErrorView | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    timings: TimingsView
+    usage: UsageView
+    served_by: str | None = Field(description="The model that answered; names a stand-in when one was used.")
+    worker: str | None
+    attempts: int

@@ -1,0 +1,198 @@
+"""Resident models: load once, warm up, generate. Families are chosen from the model's config, not its name."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from shared.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Tokenizers without a real limit report a huge sentinel as model_max_length.
+_UNSET_MAX_LENGTH = 1_000_000
+SAMPLING_PARAMS = ("temperature", "top_p", "top_k")
+
+
+class GenerationError(Exception):
+    """Generation for one job could not be done (for example: its prompt is longer than the model accepts)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer and its token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Generator:
+    """A loaded model and tokenizer of one family."""
+
+    family: ClassVar[str]
+    auto_class: ClassVar[type]
+    defaults: ClassVar[dict[str, Any]]
+    padding_side: ClassVar[str]
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, label: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.label = label
+        self.tokenizer.padding_side = self.padding_side
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def context_tokens(self) -> int:
+        """The longest input the model takes."""
+        limit = self.tokenizer.model_max_length
+        if not limit or limit >= _UNSET_MAX_LENGTH:
+            limit = getattr(self.model.config, "max_position_embeddings", None) or 512
+        return int(limit)
+
+    def effective_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The family's defaults overlaid with the job's params; sampling knobs dropped when not sampling."""
+        merged = {**self.defaults, **params}
+        if not merged.get("do_sample"):
+            for name in SAMPLING_PARAMS:
+                merged.pop(name, None)
+        return merged
+
+    def prompt_budget(self, params: dict[str, Any]) -> int:
+        """Tokens the prompt may take."""
+        return self.context_tokens
+
+    def render(self, prompt: str) -> str:
+        """The prompt as the model reads it."""
+        return prompt
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of `prompt` once rendered for the model."""
+        return len(self.tokenizer(self.render(prompt), add_special_tokens=self._add_special_tokens).input_ids)
+
+    _add_special_tokens: ClassVar[bool] = True
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], params: dict[str, Any]) -> list[Generation]:
+        """Answer `prompts` in one `generate` call with the same `params`."""
+        effective = self.effective_params(params)
+        rendered = [self.render(p) for p in prompts]
+        inputs = self.tokenizer(
+            rendered, return_tensors="pt", padding=True, add_special_tokens=self._add_special_tokens
+        ).to(self.device)
+        prompt_lengths = inputs.attention_mask.sum(dim=1).tolist()
+        budget = self.prompt_budget(effective)
+        for length in prompt_lengths:
+            if length > budget:
+                raise GenerationError(f"prompt is {length} tokens; this model takes at most {budget}")
+        output = self.model.generate(
+            **inputs, pad_token_id=self.tokenizer.pad_token_id, **effective
+        )
+        new_tokens = self._new_tokens(output, inputs.input_ids.shape[1])
+        results = []
+        for row, prompt_tokens in zip(new_tokens, prompt_lengths, strict=True):
+            completion = [t for t in row.tolist() if t != self.tokenizer.pad_token_id]
+            text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
+            results.append(Generation(text=text, prompt_tokens=int(prompt_tokens), completion_tokens=len(completion)))
+        return results
+
+    def _new_tokens(self, output: torch.Tensor, input_length: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def warm_up(self) -> None:
+        """One short generate call, so the first job does not pay for lazy initialisation."""
+        self.generate(["warm-up"], {"max_new_tokens": 2, "num_beams": 1})
+
+
+class Seq2SeqGenerator(Generator):
+    """Encoder-decoder models such as FLAN-T5; defaults from the course's `llm()`."""
+
+    family = "encoder-decoder"
+    auto_class = AutoModelForSeq2SeqLM
+    defaults = {"num_beams": 5, "max_new_tokens": 100, "do_sample": False}
+    padding_side = "right"
+
+    def _new_tokens(self, output: torch.Tensor, input_length: int) -> torch.Tensor:
+        # The decoder's output starts with its start token (the pad token for T5), never generated.
+        return output[:, 1:]
+
+
+class ChatGenerator(Generator):
+    """Decoder-only chat models such as Phi-3 mini: chat template, greedy, only new tokens decoded."""
+
+    family = "decoder-only"
+    auto_class = AutoModelForCausalLM
+    defaults = {"num_beams": 1, "max_new_tokens": 500, "do_sample": False}
+    # Left padding keeps every prompt's last token next to its first generated one.
+    padding_side = "left"
+    # The chat template already holds the special tokens the model expects.
+    _add_special_tokens = False
+
+    def render(self, prompt: str) -> str:
+        if self.tokenizer.chat_template is None:
+            return prompt
+        return str(
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        )
+
+    def prompt_budget(self, params: dict[str, Any]) -> int:
+        # Prompt and answer share the context window.
+        return self.context_tokens - int(self.effective_params(params)["max_new_tokens"])
+
+    def _new_tokens(self, output: torch.Tensor, input_length: int) -> torch.Tensor:
+        return output[:, input_length:]
+
+
+FAMILIES: dict[str, type[Generator]] = {cls.family: cls for cls in (Seq2SeqGenerator, ChatGenerator)}
+
+
+def family_of(config: Any) -> str:
+    """The family a model belongs to, read from its config."""
+    return "encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "decoder-only"
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA (halves memory, same range as fp32) and fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_generator(source: str, *, device: str = "auto", dtype: str = "auto", label: str | None = None) -> Generator:
+    """Load a model from a Hugging Face id or local directory with `from_pretrained`."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+        family = FAMILIES[family_of(config)]
+        torch_device = resolve_device(device)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = family.auto_class.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"model {source!r} could not be loaded: {exc}") from exc
+    model.to(torch_device).eval()
+    log.info("loaded %s (%s) on %s", source, family.family, torch_device)
+    return family(model, tokenizer, label or source)
