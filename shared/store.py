@@ -110,3 +110,19 @@ class JobStore:
             return job
         finally:
             pubsub.close()
+
+
+def announce_worker(client: redis.Redis, worker_id: str, model_name: str) -> None:
+    """Record that a worker process has loaded `model_name` and serves it."""
+    entry = {"model": model_name, "ready_at": time.time()}
+    client.hset(keys.workers(), worker_id, json.dumps(entry))
+
+
+def ready_workers(client: redis.Redis, since: float, model_name: str | None = None) -> int:
+    """How many worker processes announced readiness after `since` (for `model_name`, if given)."""
+    count = 0
+    for raw in client.hvals(keys.workers()):
+        entry = json.loads(raw)
+        if entry["ready_at"] >= since and model_name in (None, entry["model"]):
+            count += 1
+    return count

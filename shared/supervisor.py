@@ -6,7 +6,6 @@ processes); on Ctrl-C or SIGTERM every group is stopped and waited for, leaving 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,10 +16,10 @@ from types import FrameType
 import redis
 import requests
 
-from shared import keys
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.redis_server import EmbeddedRedis, start_redis
+from shared.store import ready_workers
 
 STOP_GRACE_S = 30
 READY_POLL_S = 0.2
@@ -126,18 +125,14 @@ class Supervisor:
             if time.monotonic() > deadline:
                 print("ragq: workers did not become ready in time", file=sys.stderr, flush=True)
                 return False
-            if self._ready_workers(client, started_at) >= self.workers and self._api_ready(url):
+            try:
+                workers_ready = ready_workers(client, started_at) >= self.workers
+            except redis.exceptions.RedisError:
+                workers_ready = False
+            if workers_ready and self._api_ready(url):
                 return True
             time.sleep(READY_POLL_S)
         return False
-
-    @staticmethod
-    def _ready_workers(client: redis.Redis, started_at: float) -> int:
-        try:
-            entries = client.hvals(keys.workers())
-        except redis.exceptions.RedisError:
-            return 0
-        return sum(1 for entry in entries if json.loads(entry).get("ready_at", 0) >= started_at)
 
     @staticmethod
     def _api_ready(url: str) -> bool:

@@ -46,10 +46,13 @@ class Generator:
     defaults: ClassVar[dict[str, Any]]
     padding_side: ClassVar[str]
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, label: str) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, label: str, max_input_tokens: int | None = None
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.label = label
+        self.max_input_tokens = max_input_tokens
         self.tokenizer.padding_side = self.padding_side
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -60,10 +63,12 @@ class Generator:
 
     @property
     def context_tokens(self) -> int:
-        """The longest input the model takes."""
+        """The longest input the model takes, lowered to `max_input_tokens` when that is set."""
         limit = self.tokenizer.model_max_length
         if not limit or limit >= _UNSET_MAX_LENGTH:
             limit = getattr(self.model.config, "max_position_embeddings", None) or 512
+        if self.max_input_tokens is not None:
+            limit = min(limit, self.max_input_tokens)
         return int(limit)
 
     def effective_params(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -183,7 +188,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_generator(source: str, *, device: str = "auto", dtype: str = "auto", label: str | None = None) -> Generator:
+def load_generator(
+    source: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    label: str | None = None,
+    max_input_tokens: int | None = None,
+) -> Generator:
     """Load a model from a Hugging Face id or local directory with `from_pretrained`."""
     try:
         config = AutoConfig.from_pretrained(source)
@@ -195,4 +207,4 @@ def load_generator(source: str, *, device: str = "auto", dtype: str = "auto", la
         raise ModelLoadError(f"model {source!r} could not be loaded: {exc}") from exc
     model.to(torch_device).eval()
     log.info("loaded %s (%s) on %s", source, family.family, torch_device)
-    return family(model, tokenizer, label or source)
+    return family(model, tokenizer, label or source, max_input_tokens)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import time
 from dataclasses import dataclass
 
-from shared import keys
 from shared.config import Settings
 from shared.errors import ModelLoadError
 from shared.models import ModelSpec
 from shared.prompt import DEFAULT_TEMPLATE, check_template
-from shared.store import JobStore, connect
+from shared.store import JobStore, announce_worker, connect
 from worker.corpus import load_documents
 from worker.generation import Generator, load_generator
 from worker.retrieval import Retriever
@@ -42,14 +39,22 @@ _resident: Resident | None = None
 def load_model(spec: ModelSpec, settings: Settings) -> Generator:
     """The model for `spec`, or the tiny stand-in when allowed and the real one cannot be had."""
     try:
-        return load_generator(spec.source, device=settings.device, dtype=settings.dtype, label=spec.source)
+        return load_generator(
+            spec.source,
+            device=settings.device,
+            dtype=settings.dtype,
+            label=spec.source,
+            max_input_tokens=settings.max_input_tokens,
+        )
     except ModelLoadError as exc:
         if not settings.fallback_tiny_model:
             raise
         path = ensure_tiny_model(settings.data_dir / "tiny-models" / "t5", "t5")
         label = f"tiny-random-t5 (stand-in for {spec.source}, which could not be loaded; answers are gibberish)"
         log.warning("ragq: %s cannot be loaded (%s); serving a tiny random model instead", spec.source, exc)
-        return load_generator(str(path), device=settings.device, dtype=settings.dtype, label=label)
+        return load_generator(
+            str(path), device=settings.device, dtype=settings.dtype, label=label, max_input_tokens=settings.max_input_tokens
+        )
 
 
 def start(settings: Settings, hostname: str | None = None) -> Resident:
@@ -64,15 +69,10 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     store = JobStore(connect(settings.effective_redis_url), settings.result_ttl_s)
     hostname = hostname or socket.gethostname()
     _resident = Resident(settings, spec, store, retriever, generator, template, hostname)
-    announce_ready(store, spec.name, hostname)
+    # `ragq serve` and the tests wait for this before sending work.
+    announce_worker(store.redis, f"{hostname}:{os.getpid()}", spec.name)
     log.info("ragq worker ready: model %s, %d documents", spec.name, len(documents))
     return _resident
-
-
-def announce_ready(store: JobStore, model_name: str, hostname: str) -> None:
-    """Record that this process serves `model_name` (`ragq serve` waits for this before printing its URL)."""
-    entry = {"model": model_name, "ready_at": time.time(), "pid": os.getpid()}
-    store.redis.hset(keys.workers(), f"{hostname}:{os.getpid()}", json.dumps(entry))
 
 
 def check_model(spec: ModelSpec) -> str | None:
