@@ -40,8 +40,6 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         # The API must answer 503 quickly when Redis is down instead of retrying for long.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
-        # The parent waits for a pool child's start-up, which includes loading the model.
-        worker_proc_alive_timeout=settings.model_load_timeout_s,
         task_default_queue=keys.model_queue(settings.default_model.name),
         worker_hijack_root_logger=False,
     )

@@ -89,8 +89,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     app = create_app(settings)
     node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
+    # Gossip and mingle only cost messages here: workers never coordinate with each other.
     app.worker_main(
-        ["worker", f"--loglevel={args.loglevel}", "--concurrency=1", "--pool=prefork", f"--hostname=ragq-{node}-{os.getpid()}@%h"]
+        ["worker", f"--loglevel={args.loglevel}", f"--hostname=ragq-{node}-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
     )
     return 0
 

@@ -169,10 +169,12 @@ class JobErrorView(BaseModel):
 
 
 class TimingsView(BaseModel):
-    queue_ms: float | None = None
+    queue_ms: float | None = Field(None, description="From submission to a worker taking the job.")
+    batch_wait_ms: float | None = Field(None, description="Time the job waited for its batch to fill.")
     retrieval_ms: float | None = None
-    generation_ms: float | None = None
+    generation_ms: float | None = Field(None, description="The generate call of the job's batch.")
     total_ms: float | None = None
+    batch_size: int | None = Field(None, description="Jobs in the generate call this job ran in.")
 
 
 class UsageView(BaseModel):

@@ -79,6 +79,13 @@ class JobStore:
             raise NotFound(f"no job with id {job_id!r}")
         return Job.from_redis(fields)
 
+    def statuses(self, job_ids: list[str]) -> list[JobStatus | None]:
+        """Current status of each job (None where it does not exist), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "status")
+        return [JobStatus(s) if s else None for s in pipe.execute()]
+
     def transition(self, job_id: str, target: JobStatus, **fields: Any) -> Transition:
         """Move the job to `target` if the state machine allows it, writing `fields` with it."""
         sources = [s.value for s in allowed_sources(target)]

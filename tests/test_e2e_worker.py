@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -118,3 +119,41 @@ def test_worker_consumes_only_its_models_queue(
     sentinel = submit(client, question=QUESTIONS[1], params={"max_new_tokens": 2})
     assert wait(client, sentinel["id"])["status"] == "succeeded"
     assert client.get(f"/v1/jobs/{other['id']}").get_json()["status"] == "queued"
+
+
+def unacked_job_ids(redis_client: redis.Redis) -> str:
+    """Kombu keeps each delivered, unacknowledged message in the `unacked` hash until it is acknowledged."""
+    return " ".join(redis_client.hvals("unacked"))
+
+
+def test_message_is_acknowledged_only_after_the_result_is_stored(
+    client: FlaskClient, t5_worker: WorkerProcess, redis_client: redis.Redis
+) -> None:
+    slow = {"max_new_tokens": 400, "min_new_tokens": 400, "num_beams": 4}
+    job = submit(client, question=QUESTIONS[0], params=slow)
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/jobs/{job['id']}").get_json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    held = job["id"] in unacked_job_ids(redis_client)
+    still_running = client.get(f"/v1/jobs/{job['id']}").get_json()["status"] == "running"
+    assert still_running, "generation finished too fast for this test to observe it"
+    assert held
+    assert wait(client, job["id"])["status"] == "succeeded"
+    deadline = time.monotonic() + 5
+    while job["id"] in unacked_job_ids(redis_client):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_jobs_waiting_together_share_a_batch(client: FlaskClient, t5_worker: WorkerProcess) -> None:
+    params = {"max_new_tokens": 4, "min_new_tokens": 4, "num_beams": 1}
+    # Occupy the worker so the next jobs wait for it together.
+    blocker = submit(client, question=QUESTIONS[0], params={"max_new_tokens": 300, "min_new_tokens": 300, "num_beams": 4})
+    jobs = [submit(client, question=f"{q} ({i})", params=params) for i in range(4) for q in QUESTIONS]
+    assert wait(client, blocker["id"])["status"] == "succeeded"
+    done = [wait(client, j["id"]) for j in jobs]
+    assert all(j["status"] == "succeeded" for j in done)
+    sizes = [j["timings"]["batch_size"] for j in done]
+    assert max(sizes) > 1
+    assert all(j["timings"]["batch_wait_ms"] is not None for j in done)

@@ -49,13 +49,26 @@ def test_generation_reports_tokens_and_respects_max_new_tokens(name: str, reques
         assert result.prompt_tokens == generator.count_tokens(prompt)
 
 
+VARIED = [
+    "Hi",
+    "How do I start ragq?",
+    "What happens when Redis is down and I submit a job with a long question about the workers?",
+    "Which models can ragq serve, and how do I add a second one on another GPU machine?",
+    "ok?",
+    " ".join(["Why does my worker stop consuming after a Redis restart"] * 6),
+]
+
+
 @pytest.mark.parametrize("name", ["t5", "phi3"])
-def test_batched_greedy_output_matches_one_at_a_time(name: str, request: pytest.FixtureRequest) -> None:
+def test_batched_greedy_token_ids_match_one_at_a_time(name: str, request: pytest.FixtureRequest) -> None:
+    # Prompts of very different lengths: wrong padding or attention masks change the tokens.
     generator = request.getfixturevalue(name)
-    params = {"max_new_tokens": 12, "num_beams": 1}
-    batched = generator.generate(PROMPTS, params)
-    single = [generator.generate([p], params)[0] for p in PROMPTS]
-    assert [r.text for r in batched] == [r.text for r in single]
+    params = {"max_new_tokens": 16, "min_new_tokens": 16, "num_beams": 1}
+    batched = generator.generate(VARIED, params)
+    single = [generator.generate([p], params)[0] for p in VARIED]
+    assert [r.token_ids for r in batched] == [r.token_ids for r in single]
+    assert [r.prompt_tokens for r in batched] == [r.prompt_tokens for r in single]
+    assert all(len(r.token_ids) == 16 for r in batched)
 
 
 def test_family_defaults_follow_the_course(t5: Seq2SeqGenerator, phi3: ChatGenerator) -> None:

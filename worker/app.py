@@ -1,10 +1,9 @@
-"""The worker's Celery app: the answer task, and the model loaded in each pool process at its start."""
+"""The worker's Celery app: one task per job on a thread pool, feeding one resident model through a batcher."""
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 from typing import Any
 
 from celery import Celery, signals
@@ -22,23 +21,29 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Celery:
     """A Celery app that consumes only the queue of `settings.worker_spec`."""
     app = make_celery(settings)
-    # A plain `celery -A worker.main worker` consumes the default queue: this worker's model's.
-    app.conf.task_default_queue = keys.model_queue(settings.worker_spec.name)
+    caps = runtime.batch_settings(settings)
+    app.conf.update(
+        # A plain `celery -A worker.main worker` consumes the default queue: this worker's model's.
+        task_default_queue=keys.model_queue(settings.worker_spec.name),
+        # Threads, not processes: every job's task runs in the one process that holds the model, so
+        # the batcher can put waiting jobs into one generate call. Twice the batch size lets the next
+        # batch fill while one runs. With prefetch 1 a worker reserves only as many messages as threads.
+        worker_pool="threads",
+        worker_concurrency=caps.thread_pool_size,
+    )
 
     @app.task(name=ANSWER_TASK, bind=True)
     def answer(self: Any, job_id: str) -> str | None:
         status = run_job(runtime.current(settings), job_id, self.request.hostname or "worker")
         return None if status is None else status.value
 
-    def load_in_pool_process(**_: Any) -> None:
-        # Runs in each forked pool process, never in the parent: CUDA state does not survive a fork.
+    def load_before_consuming(**_: Any) -> None:
+        # In the worker's own process before it consumes; the thread pool never forks.
         try:
             runtime.start(settings)
         except RagqError as exc:
             log.error("ragq worker: %s", exc.message)
-            # Without the model this worker is useless; stop the whole worker instead of respawning.
-            os.kill(os.getppid(), signal.SIGTERM)
-            os._exit(1)
+            os._exit(2)
 
-    signals.worker_process_init.connect(load_in_pool_process, weak=False)
+    signals.worker_init.connect(load_before_consuming, weak=False)
     return app

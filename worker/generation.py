@@ -36,6 +36,7 @@ class Generation:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()
 
 
 class Generator:
@@ -114,7 +115,7 @@ class Generator:
         for row, prompt_tokens in zip(new_tokens, prompt_lengths, strict=True):
             completion = [t for t in row.tolist() if t != self.tokenizer.pad_token_id]
             text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
-            results.append(Generation(text=text, prompt_tokens=int(prompt_tokens), completion_tokens=len(completion)))
+            results.append(Generation(text, int(prompt_tokens), len(completion), tuple(completion)))
         return results
 
     def _new_tokens(self, output: torch.Tensor, input_length: int) -> torch.Tensor:

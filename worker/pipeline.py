@@ -1,14 +1,26 @@
-"""The pure RAG pipeline: retrieve -> build prompt -> generate. No Redis, no Celery, no GPU needed."""
+"""The pure RAG pipeline: retrieve -> build prompt -> generate, for one question or a batch.
+
+No Redis, no Celery, no GPU needed. A batch runs one retrieval pass and one `generate` call per group of
+questions whose generation settings can share a call, split further by the batch caps. One bad question fails
+alone: preparation errors are per question, and a failing `generate` call is split in halves until the
+failure is isolated.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.prompt import DEFAULT_TEMPLATE, build_prompt
-from worker.generation import Generator
+import torch
+
+from shared.prompt import DEFAULT_TEMPLATE, Prompt, build_prompt
+from worker.generation import Generation, GenerationError, Generator
 from worker.retrieval import Retriever, source_view
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,27 +43,167 @@ class Answer:
     completion_tokens: int
     retrieval_ms: float
     generation_ms: float
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A question with its retrieved documents and built prompt, ready to generate."""
+
+    documents: list[dict[str, Any]]
+    prompt: Prompt
+    params: dict[str, Any]
+    prompt_tokens: int
+    retrieval_ms: float
+
+    @property
+    def group_key(self) -> tuple[tuple[str, Any], ...]:
+        """Questions with equal keys can share one `generate` call."""
+        return tuple(sorted(self.params.items()))
+
+    @property
+    def cost_factor(self) -> int:
+        """How many sequences the model runs for this question (beams each need their own)."""
+        return int(self.params.get("num_beams", 1))
+
+
+class BatchCap:
+    """The most questions one `generate` call may take: lowered after an out-of-memory error, restored later."""
+
+    def __init__(self, ceiling: int, recover_after_s: float = 60.0) -> None:
+        self.ceiling = ceiling
+        self.recover_after_s = recover_after_s
+        self._value = ceiling
+        self._changed_at = time.monotonic()
+
+    @property
+    def value(self) -> int:
+        # Double back towards the ceiling once a quiet period has passed since the last change.
+        if self._value < self.ceiling and time.monotonic() - self._changed_at >= self.recover_after_s:
+            self._value = min(self.ceiling, self._value * 2)
+            self._changed_at = time.monotonic()
+        return self._value
+
+    def lower(self, failed_size: int) -> None:
+        """A call of `failed_size` questions ran out of memory: allow at most half that for a while."""
+        self._value = max(1, min(self._value, failed_size // 2))
+        self._changed_at = time.monotonic()
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """Caps on one `generate` call: a count (adaptive) and padded input tokens times beams."""
+
+    cap: BatchCap
+    max_batch_tokens: int
+
+
+def prepare(question: Question, retriever: Retriever, generator: Generator, template: str) -> Prepared:
+    """Retrieve and build the prompt; raises `GenerationError` if even the bare question is too long."""
+    started = time.perf_counter()
+    documents = retriever.search(question.question, question.course, question.top_k)
+    params = generator.effective_params(question.params)
+    budget = generator.prompt_budget(params)
+    prompt = build_prompt(
+        question.question, documents, template=template, count_tokens=generator.count_tokens, max_tokens=budget
+    )
+    prompt_tokens = generator.count_tokens(prompt.text)
+    if prompt_tokens > budget:
+        raise GenerationError(f"prompt is {prompt_tokens} tokens; this model takes at most {budget}")
+    return Prepared(documents, prompt, params, prompt_tokens, (time.perf_counter() - started) * 1000)
+
+
+def plan_calls(prepared: Sequence[Prepared], indices: Sequence[int], max_size: int, max_tokens: int) -> list[list[int]]:
+    """Split `indices` into `generate` calls: same settings together, sorted by length to cut padding, within caps."""
+    groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+    for i in indices:
+        groups.setdefault(prepared[i].group_key, []).append(i)
+    calls: list[list[int]] = []
+    for members in groups.values():
+        members.sort(key=lambda i: prepared[i].prompt_tokens)
+        call: list[int] = []
+        for i in members:
+            # Sorted ascending, so the newest member is the longest: padded size = count x its length.
+            cost = (len(call) + 1) * prepared[i].prompt_tokens * prepared[i].cost_factor
+            if call and (len(call) >= max_size or cost > max_tokens):
+                calls.append(call)
+                call = []
+            call.append(i)
+        calls.append(call)
+    return calls
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def generate_isolating(
+    generator: Generator, prompts: list[str], params: dict[str, Any], cap: BatchCap
+) -> list[Generation | Exception]:
+    """One `generate` call; if it raises, split it in halves and retry, so a bad input fails alone."""
+    try:
+        return list(generator.generate(prompts, params))
+    except Exception as exc:
+        if len(prompts) == 1:
+            return [exc]
+        if is_out_of_memory(exc):
+            cap.lower(len(prompts))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("out of memory generating %d prompts; batch cap now %d", len(prompts), cap.value)
+        else:
+            log.warning("generate failed for a batch of %d (%s); splitting it", len(prompts), exc)
+        middle = len(prompts) // 2
+        return generate_isolating(generator, prompts[:middle], params, cap) + generate_isolating(
+            generator, prompts[middle:], params, cap
+        )
+
+
+def answer_batch(
+    questions: Sequence[Question],
+    retriever: Retriever,
+    generator: Generator,
+    template: str = DEFAULT_TEMPLATE,
+    limits: BatchLimits | None = None,
+) -> list[Answer | Exception]:
+    """Answer every question; each result is an `Answer` or the exception that failed that question alone."""
+    limits = limits or BatchLimits(BatchCap(max(1, len(questions))), max_batch_tokens=1 << 40)
+    results: list[Answer | Exception | None] = [None] * len(questions)
+    prepared: list[Prepared] = [None] * len(questions)  # type: ignore[list-item]
+    ready: list[int] = []
+    for i, question in enumerate(questions):
+        try:
+            prepared[i] = prepare(question, retriever, generator, template)
+            ready.append(i)
+        except Exception as exc:
+            results[i] = exc
+    for call in plan_calls(prepared, ready, limits.cap.value, limits.max_batch_tokens):
+        started = time.perf_counter()
+        prompts = [prepared[i].prompt.text for i in call]
+        generations = generate_isolating(generator, prompts, prepared[call[0]].params, limits.cap)
+        generation_ms = (time.perf_counter() - started) * 1000
+        for i, generation in zip(call, generations, strict=True):
+            results[i] = generation if isinstance(generation, Exception) else _answer(prepared[i], generation, generation_ms, len(call))
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+def _answer(prepared: Prepared, generation: Generation, generation_ms: float, batch_size: int) -> Answer:
+    used = prepared.prompt.sources_used
+    return Answer(
+        text=generation.text,
+        sources=[source_view(doc, in_prompt=rank < used) for rank, doc in enumerate(prepared.documents)],
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        retrieval_ms=prepared.retrieval_ms,
+        generation_ms=generation_ms,
+        batch_size=batch_size,
+    )
 
 
 def answer(question: Question, retriever: Retriever, generator: Generator, template: str = DEFAULT_TEMPLATE) -> Answer:
-    """Answer one question from the FAQ with the resident model."""
-    started = time.perf_counter()
-    documents = retriever.search(question.question, question.course, question.top_k)
-    retrieved = time.perf_counter()
-    prompt = build_prompt(
-        question.question,
-        documents,
-        template=template,
-        count_tokens=generator.count_tokens,
-        max_tokens=generator.prompt_budget(question.params),
-    )
-    [generation] = generator.generate([prompt.text], question.params)
-    generated = time.perf_counter()
-    return Answer(
-        text=generation.text,
-        sources=[source_view(doc, in_prompt=rank < prompt.sources_used) for rank, doc in enumerate(documents)],
-        prompt_tokens=generation.prompt_tokens,
-        completion_tokens=generation.completion_tokens,
-        retrieval_ms=(retrieved - started) * 1000,
-        generation_ms=(generated - retrieved) * 1000,
-    )
+    """Answer one question from the FAQ with the resident model (the seed's one-at-a-time shape)."""
+    [result] = answer_batch([question], retriever, generator, template)
+    if isinstance(result, Exception):
+        raise result
+    return result

@@ -1,23 +1,55 @@
-"""What a worker process keeps resident: settings, job store, retriever, model. Loaded once per process."""
+"""What a worker process keeps resident: settings, job store, retriever, model, batcher. Loaded once."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from shared.config import Settings
 from shared.errors import ModelLoadError
+from shared.jobs import JobStatus
 from shared.models import ModelSpec
 from shared.prompt import DEFAULT_TEMPLATE, check_template
 from shared.store import JobStore, announce_worker, connect
+from worker.batching import SKIPPED, BatchInfo, BatchItem, Batcher
 from worker.corpus import load_documents
-from worker.generation import Generator, load_generator
+from worker.generation import Generator, load_generator, resolve_device
+from worker.pipeline import BatchCap, BatchLimits, answer_batch
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
+
+# (max_batch_size, batch_wait_ms, max_batch_tokens) when not configured.
+BATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 262_144)}
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_size: int
+    batch_wait_ms: int
+    max_batch_tokens: int
+
+    @property
+    def thread_pool_size(self) -> int:
+        """Celery threads: one batch running while the next one fills."""
+        return 2 * self.max_batch_size
+
+
+def batch_settings(settings: Settings) -> BatchSettings:
+    """The configured batch caps, or the defaults for the device this worker runs on."""
+    size, wait_ms, tokens = BATCH_DEFAULTS["cuda" if resolve_device(settings.device).type == "cuda" else "cpu"]
+    return BatchSettings(
+        max_batch_size=settings.max_batch_size or size,
+        batch_wait_ms=wait_ms if settings.batch_wait_ms is None else settings.batch_wait_ms,
+        max_batch_tokens=settings.max_batch_tokens or tokens,
+    )
 
 
 @dataclass
@@ -31,34 +63,42 @@ class Resident:
     generator: Generator
     template: str
     hostname: str
+    limits: BatchLimits
+    batcher: Batcher | None = None
+
+    def run_batch(self, items: Sequence[BatchItem]) -> list[Any]:
+        """Answer a batch: skip jobs cancelled while they waited, then one pipeline pass for the rest."""
+        statuses = self.store.statuses([item.job_id for item in items])
+        live = [i for i, status in enumerate(statuses) if status is JobStatus.RUNNING]
+        results: list[Any] = [SKIPPED] * len(items)
+        answers = answer_batch([items[i].payload for i in live], self.retriever, self.generator, self.template, self.limits)
+        now = time.monotonic()
+        wait_ms = {i: (now - items[i].enqueued_at) * 1000 for i in live}
+        for i, result in zip(live, answers, strict=True):
+            results[i] = result if isinstance(result, Exception) else (result, BatchInfo(len(live), wait_ms[i]))
+        return results
 
 
 _resident: Resident | None = None
+_start_lock = threading.Lock()
 
 
 def load_model(spec: ModelSpec, settings: Settings) -> Generator:
     """The model for `spec`, or the tiny stand-in when allowed and the real one cannot be had."""
+    options: dict[str, Any] = {"device": settings.device, "dtype": settings.dtype, "max_input_tokens": settings.max_input_tokens}
     try:
-        return load_generator(
-            spec.source,
-            device=settings.device,
-            dtype=settings.dtype,
-            label=spec.source,
-            max_input_tokens=settings.max_input_tokens,
-        )
+        return load_generator(spec.source, label=spec.source, **options)
     except ModelLoadError as exc:
         if not settings.fallback_tiny_model:
             raise
         path = ensure_tiny_model(settings.data_dir / "tiny-models" / "t5", "t5")
         label = f"tiny-random-t5 (stand-in for {spec.source}, which could not be loaded; answers are gibberish)"
         log.warning("ragq: %s cannot be loaded (%s); serving a tiny random model instead", spec.source, exc)
-        return load_generator(
-            str(path), device=settings.device, dtype=settings.dtype, label=label, max_input_tokens=settings.max_input_tokens
-        )
+        return load_generator(str(path), label=label, **options)
 
 
 def start(settings: Settings, hostname: str | None = None) -> Resident:
-    """Load corpus, index and model, warm the model up, and keep them for this process."""
+    """Load corpus, index and model, warm the model up, start the batcher, and keep them for this process."""
     global _resident
     spec = settings.worker_spec
     template = check_template(settings.read_prompt_template() or DEFAULT_TEMPLATE)
@@ -68,11 +108,15 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     generator.warm_up()
     store = JobStore(connect(settings.effective_redis_url), settings.result_ttl_s)
     hostname = hostname or socket.gethostname()
-    _resident = Resident(settings, spec, store, retriever, generator, template, hostname)
+    caps = batch_settings(settings)
+    limits = BatchLimits(BatchCap(caps.max_batch_size), caps.max_batch_tokens)
+    resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits)
+    resident.batcher = Batcher(resident.run_batch, caps.max_batch_size, caps.batch_wait_ms)
+    _resident = resident
     # `ragq serve` and the tests wait for this before sending work.
     announce_worker(store.redis, f"{hostname}:{os.getpid()}", spec.name)
-    log.info("ragq worker ready: model %s, %d documents", spec.name, len(documents))
-    return _resident
+    log.info("ragq worker ready: model %s, %d documents, batches of up to %d", spec.name, len(documents), caps.max_batch_size)
+    return resident
 
 
 def check_model(spec: ModelSpec) -> str | None:
@@ -87,5 +131,6 @@ def check_model(spec: ModelSpec) -> str | None:
 
 
 def current(settings: Settings) -> Resident:
-    """This process's resident state; loaded on first use in pools that send no process-init signal."""
-    return _resident if _resident is not None else start(settings)
+    """This process's resident state, loading it on first use if the worker's start-up signal did not."""
+    with _start_lock:
+        return _resident if _resident is not None else start(settings)

@@ -1,15 +1,15 @@
-"""The Celery task: a thin shell around the pipeline that moves the job through its states."""
+"""The Celery task's body: claim the job, hand it to the batcher, store the outcome. One task per job."""
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
-
-from billiard.exceptions import SoftTimeLimitExceeded
 
 from shared.jobs import JobStatus
 from worker import pipeline
+from worker.batching import BatchInfo, Skipped
 from worker.generation import GenerationError
 from worker.runtime import Resident
 
@@ -29,24 +29,44 @@ def run_job(resident: Resident, job_id: str, worker_name: str) -> JobStatus | No
     if job.model != resident.spec.name:
         return _fail(resident, job_id, started_at, "wrong_model", f"job is for model {job.model!r}, worker serves {resident.spec.name!r}")
     question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
+    assert resident.batcher is not None
+    future = resident.batcher.submit(job_id, question)
+    limit_s = resident.settings.task_time_limit_s
     try:
-        result = pipeline.answer(question, resident.retriever, resident.generator, resident.template)
-    except SoftTimeLimitExceeded:
-        return _fail(resident, job_id, started_at, "timeout", f"job ran longer than {resident.settings.task_time_limit_s} s")
+        outcome = future.result(timeout=limit_s)
+    except FutureTimeout:
+        return _fail(resident, job_id, started_at, "timeout", f"job ran longer than {limit_s} s")
     except GenerationError as exc:
         return _fail(resident, job_id, started_at, "generation_error", str(exc))
     except Exception as exc:  # one job's failure must never take the worker down
-        log.exception("job %s failed", job_id)
+        log.error("job %s failed: %r", job_id, exc)
         return _fail(resident, job_id, started_at, "internal_error", f"{type(exc).__name__}: {exc}")
+    if isinstance(outcome, Skipped):
+        log.info("job %s was cancelled while it waited for its batch", job_id)
+        return None
+    result, batch = outcome
+    return _succeed(resident, job_id, job.created_at, started_at, result, batch)
+
+
+def _succeed(
+    resident: Resident, job_id: str, created_at: float, started_at: float, result: pipeline.Answer, batch: BatchInfo
+) -> JobStatus | None:
     finished_at = time.time()
-    outcome = store.transition(
+    timings = _timings(created_at, started_at, finished_at)
+    timings.update(
+        retrieval_ms=round(result.retrieval_ms, 3),
+        generation_ms=round(result.generation_ms, 3),
+        batch_wait_ms=round(batch.wait_ms, 3),
+        batch_size=batch.size,
+    )
+    outcome = resident.store.transition(
         job_id,
         JobStatus.SUCCEEDED,
         answer=result.text,
         sources=result.sources,
         finished_at=finished_at,
         served_by=resident.generator.label,
-        timings=_timings(job.created_at, started_at, finished_at, result.retrieval_ms, result.generation_ms),
+        timings=timings,
         usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
     )
     if not outcome.applied:
@@ -56,25 +76,21 @@ def run_job(resident: Resident, job_id: str, worker_name: str) -> JobStatus | No
 
 
 def _fail(resident: Resident, job_id: str, started_at: float, error_type: str, message: str) -> JobStatus | None:
-    finished_at = time.time()
     job = resident.store.get(job_id)
+    finished_at = time.time()
     outcome = resident.store.transition(
         job_id,
         JobStatus.FAILED,
         error={"type": error_type, "message": message},
         finished_at=finished_at,
         served_by=resident.generator.label,
-        timings=_timings(job.created_at, started_at, finished_at, None, None),
+        timings=_timings(job.created_at, started_at, finished_at),
     )
     return JobStatus.FAILED if outcome.applied else None
 
 
-def _timings(
-    created_at: float, started_at: float, finished_at: float, retrieval_ms: float | None, generation_ms: float | None
-) -> dict[str, Any]:
+def _timings(created_at: float, started_at: float, finished_at: float) -> dict[str, Any]:
     return {
         "queue_ms": round((started_at - created_at) * 1000, 3),
-        "retrieval_ms": None if retrieval_ms is None else round(retrieval_ms, 3),
-        "generation_ms": None if generation_ms is None else round(generation_ms, 3),
         "total_ms": round((finished_at - created_at) * 1000, 3),
     }

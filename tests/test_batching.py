@@ -1,0 +1,197 @@
+"""Dynamic batching: grouping, caps, failure isolation, out-of-memory recovery, cancellation in the window."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shared.config import Settings
+from shared.jobs import Job, JobStatus
+from shared.prompt import DEFAULT_TEMPLATE, Prompt
+from shared.store import JobStore
+from worker.batching import SKIPPED, Batcher, BatchItem
+from worker.corpus import load_documents
+from worker.generation import Generation, Generator, load_generator
+from worker.pipeline import BatchCap, BatchLimits, Prepared, Question, answer_batch, plan_calls
+from worker.retrieval import Retriever
+from worker.runtime import Resident
+
+QUESTIONS = [
+    "How do I add more workers?",
+    "What does ragq serve start?",
+    "How are errors reported?",
+    "Which models can ragq serve?",
+    "How do I cancel a job?",
+    "What is the default model?",
+]
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory: pytest.TempPathFactory) -> Retriever:
+    return Retriever(load_documents(None, tmp_path_factory.mktemp("corpus")))
+
+
+@pytest.fixture(scope="module")
+def t5(tiny_models: dict[str, Path]) -> Generator:
+    return load_generator(str(tiny_models["t5"]), device="cpu")
+
+
+class Recording:
+    """Wraps a generator: records each call's size and can raise on chosen inputs."""
+
+    def __init__(self, inner: Generator, fail_if: Any = None) -> None:
+        self.inner = inner
+        self.fail_if = fail_if
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def generate(self, prompts: list[str], params: dict[str, Any]) -> list[Generation]:
+        self.calls.append(len(prompts))
+        if self.fail_if is not None:
+            self.fail_if(prompts)
+        return self.inner.generate(prompts, params)
+
+
+def prepared(tokens: int, **params: Any) -> Prepared:
+    return Prepared([], Prompt("p", 0), params, tokens, 0.0)
+
+
+def test_plan_groups_by_settings_and_sorts_by_length() -> None:
+    items = [prepared(30, num_beams=1), prepared(10, num_beams=1), prepared(20, num_beams=2), prepared(5, num_beams=1)]
+    calls = plan_calls(items, range(4), max_size=10, max_tokens=10_000)
+    assert sorted(calls) == [[2], [3, 1, 0]]
+
+
+def test_plan_respects_count_and_token_caps() -> None:
+    items = [prepared(100) for _ in range(10)]
+    assert [len(c) for c in plan_calls(items, range(10), max_size=4, max_tokens=10_000)] == [4, 4, 2]
+    # Padded tokens: 3 x 100 = 300 fits, 4 x 100 does not.
+    assert [len(c) for c in plan_calls(items, range(10), max_size=100, max_tokens=300)] == [3, 3, 3, 1]
+    beams = [prepared(100, num_beams=4) for _ in range(3)]
+    assert [len(c) for c in plan_calls(beams, range(3), max_size=100, max_tokens=800)] == [2, 1]
+
+
+def test_batch_runs_one_generate_call_per_settings_group(retriever: Retriever, t5: Generator) -> None:
+    generator = Recording(t5)
+    questions = [Question(q, params={"max_new_tokens": 3 + (i % 2), "min_new_tokens": 3 + (i % 2)}) for i, q in enumerate(QUESTIONS)]
+    results = answer_batch(questions, retriever, generator)  # type: ignore[arg-type]
+    assert sorted(generator.calls) == [3, 3]
+    for question, result in zip(questions, results, strict=True):
+        assert not isinstance(result, Exception)
+        assert result.completion_tokens == question.params["max_new_tokens"]
+        assert result.batch_size == 3
+
+
+def test_batched_answers_equal_one_at_a_time_answers(retriever: Retriever, t5: Generator) -> None:
+    questions = [Question(q, params={"max_new_tokens": 6, "num_beams": 1}) for q in QUESTIONS]
+    batched = answer_batch(questions, retriever, t5)
+    single = [answer_batch([q], retriever, t5)[0] for q in questions]
+    assert [(a.text, a.sources, a.prompt_tokens) for a in batched] == [(a.text, a.sources, a.prompt_tokens) for a in single]  # type: ignore[union-attr]
+
+
+def test_poisoned_input_fails_alone_after_splitting(retriever: Retriever, t5: Generator) -> None:
+    def poison(prompts: list[str]) -> None:
+        if any("POISON" in p for p in prompts):
+            raise RuntimeError("bad input")
+
+    generator = Recording(t5, poison)
+    questions = [Question(q, params={"max_new_tokens": 2}) for q in QUESTIONS]
+    questions[3] = Question("POISON pill", params={"max_new_tokens": 2})
+    results = answer_batch(questions, retriever, generator)  # type: ignore[arg-type]
+    assert isinstance(results[3], RuntimeError)
+    assert all(not isinstance(r, Exception) for i, r in enumerate(results) if i != 3)
+    assert generator.calls[0] == 6 and 1 in generator.calls
+
+
+def test_question_too_long_for_the_model_fails_in_preparation_alone(retriever: Retriever, t5: Generator) -> None:
+    generator = Recording(t5)
+    questions = [Question(QUESTIONS[0]), Question(" ".join(f"w{i}" for i in range(400))), Question(QUESTIONS[1])]
+    results = answer_batch([Question(q.question, params={"max_new_tokens": 2}) for q in questions], retriever, generator)  # type: ignore[arg-type]
+    assert "at most 512" in str(results[1])
+    assert generator.calls == [2]
+
+
+def test_out_of_memory_splits_recovers_and_lowers_the_cap(retriever: Retriever, t5: Generator) -> None:
+    def small_only(prompts: list[str]) -> None:
+        if len(prompts) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    generator = Recording(t5, small_only)
+    cap = BatchCap(ceiling=8, recover_after_s=0.3)
+    questions = [Question(q, params={"max_new_tokens": 2}) for q in QUESTIONS]
+    results = answer_batch(questions, retriever, generator, DEFAULT_TEMPLATE, BatchLimits(cap, 1 << 30))  # type: ignore[arg-type]
+    assert all(not isinstance(r, Exception) for r in results)
+    assert cap.value == 1  # 6 failed -> 3, then 3 failed -> 1
+    # The lowered cap shapes the next batch: no call above it, so no more failures.
+    generator.calls.clear()
+    answer_batch(questions[:2], retriever, generator, DEFAULT_TEMPLATE, BatchLimits(cap, 1 << 30))  # type: ignore[arg-type]
+    assert generator.calls == [1, 1]
+    time.sleep(0.35)
+    assert cap.value == 2
+    time.sleep(0.35)
+    assert cap.value == 4
+
+
+def test_batcher_takes_what_waits_within_the_window() -> None:
+    seen: list[int] = []
+
+    def run(items: Sequence[BatchItem]) -> list[Any]:
+        seen.append(len(items))
+        return [item.payload * 2 for item in items]
+
+    batcher = Batcher(run, max_batch_size=4, batch_wait_ms=200)
+    futures = [batcher.submit(f"j{i}", i) for i in range(6)]
+    assert [f.result(timeout=5) for f in futures] == [0, 2, 4, 6, 8, 10]
+    assert seen == [4, 2]
+    batcher.stop()
+
+
+def test_batcher_does_not_wait_past_the_window() -> None:
+    batcher = Batcher(lambda items: [None] * len(items), max_batch_size=64, batch_wait_ms=50)
+    started = time.monotonic()
+    batcher.submit("j", 1).result(timeout=5)
+    assert time.monotonic() - started < 1
+    batcher.stop()
+
+
+def test_batcher_survives_a_batch_that_raises() -> None:
+    def run(items: Sequence[BatchItem]) -> list[Any]:
+        if items[0].payload == "boom":
+            raise ValueError("boom")
+        return ["ok"] * len(items)
+
+    batcher = Batcher(run, max_batch_size=1, batch_wait_ms=0)
+    with pytest.raises(ValueError):
+        batcher.submit("a", "boom").result(timeout=5)
+    assert batcher.submit("b", "fine").result(timeout=5) == "ok"
+    batcher.stop()
+
+
+def test_job_cancelled_in_the_batch_window_is_skipped(
+    store: JobStore, settings: Settings, retriever: Retriever, t5: Generator
+) -> None:
+    resident = Resident(settings, settings.default_model, store, retriever, t5, DEFAULT_TEMPLATE, "test", BatchLimits(BatchCap(8), 1 << 30))
+    batcher = Batcher(resident.run_batch, max_batch_size=8, batch_wait_ms=500)
+    jobs = []
+    for i, q in enumerate(QUESTIONS[:3]):
+        job = Job(id=f"job-{i}", status=JobStatus.QUEUED, question=q, model="tiny-t5")
+        store.create(job)
+        store.transition(job.id, JobStatus.RUNNING)
+        jobs.append(job)
+    futures = [batcher.submit(job.id, Question(job.question, params={"max_new_tokens": 2})) for job in jobs]
+    threading.Timer(0.1, lambda: store.transition("job-1", JobStatus.CANCELLED)).start()
+    outcomes = [f.result(timeout=30) for f in futures]
+    assert outcomes[1] is SKIPPED
+    for outcome in (outcomes[0], outcomes[2]):
+        answer, info = outcome
+        assert info.size == 2 and info.wait_ms >= 0
+        assert answer.batch_size == 2
+    batcher.stop()
