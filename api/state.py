@@ -23,7 +23,7 @@ class ApiState:
 
 def init_app(app: Flask, settings: Settings) -> None:
     """Create the resources once per app; connections open lazily on first use."""
-    client = connect(settings.effective_redis_url)
+    client = connect(settings.effective_redis_url, threads=settings.api_threads)
     app.extensions["ragq"] = ApiState(
         settings=settings,
         store=JobStore(client, settings.result_ttl_s),

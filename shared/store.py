@@ -44,16 +44,22 @@ class Transition:
     previous: JobStatus | None
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client that fails fast when Redis is down, so the API can answer 503 quickly."""
-    return redis.Redis.from_url(
+def connect(url: str, threads: int = 8) -> redis.Redis:
+    """A Redis client for `threads` concurrent users that fails fast when Redis is down (so the API answers 503).
+
+    Each long-poll holds a pub/sub connection while it waits and needs another to read the job, so the pool
+    allows two per thread; past that, a request waits briefly for a free connection instead of failing.
+    """
+    pool = redis.BlockingConnectionPool.from_url(
         url,
+        max_connections=2 * threads + 8,
+        timeout=10,
         decode_responses=True,
         socket_connect_timeout=3,
         socket_timeout=10,
         health_check_interval=30,
-        retry_on_timeout=False,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 class JobStore:

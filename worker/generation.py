@@ -111,15 +111,22 @@ class Generator:
             **inputs, pad_token_id=self.tokenizer.pad_token_id, **effective
         )
         new_tokens = self._new_tokens(output, inputs.input_ids.shape[1])
+        stop_ids = self._stop_ids()
         results = []
         for row, prompt_tokens in zip(new_tokens, prompt_lengths, strict=True):
-            completion = [t for t in row.tolist() if t != self.tokenizer.pad_token_id]
+            completion = _until_stop(row.tolist(), stop_ids)
             text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
             results.append(Generation(text, int(prompt_tokens), len(completion), tuple(completion)))
         return results
 
     def _new_tokens(self, output: torch.Tensor, input_length: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def _stop_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos) if isinstance(eos, list) else {eos}
 
     def warm_up(self) -> None:
         """One short generate call, so the first job does not pay for lazy initialisation."""
@@ -165,6 +172,17 @@ class ChatGenerator(Generator):
 
     def _new_tokens(self, output: torch.Tensor, input_length: int) -> torch.Tensor:
         return output[:, input_length:]
+
+
+def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
+    """The generated tokens up to and including the first stop token; what follows is batch padding.
+
+    Padding cannot be told apart by id: a model may generate the pad token itself.
+    """
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[: i + 1]
+    return tokens
 
 
 FAMILIES: dict[str, type[Generator]] = {cls.family: cls for cls in (Seq2SeqGenerator, ChatGenerator)}

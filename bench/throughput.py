@@ -1,0 +1,355 @@
+"""`python -m bench.throughput`: what batching buys, and what the queue costs.
+
+On the same questions (the course's questions-dev.csv over the course FAQ), the same model and the same
+generation settings (a fixed number of new tokens per question, so runs compare), in one run:
+
+  (a) seed loop        in-process, one question at a time: retrieve -> prompt -> generate
+  (b) in-process batch the same pipeline with batch size B: the limit the system can reach
+  (c) system           real Redis, the API under gunicorn, one `ragq worker`; all N questions
+                       submitted over HTTP and collected with long-polls
+
+Models are random-weight models of a published shape, built here (no download): `tiny`, `t5-small` (CPU),
+`flan-t5-xl`, `phi-3-mini` (`--device cuda`, built on the GPU in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Phi3Config, T5Config
+
+from shared.redis_server import free_port, start_redis
+from worker.corpus import load_documents
+from worker.generation import Generator, load_generator
+from worker.pipeline import BatchCap, BatchLimits, Question, answer, answer_batch
+from worker.retrieval import Retriever
+from worker.tiny import PHI3_CHAT_TEMPLATE, build_tokenizer, build_tiny_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Published shapes (config.json of the Hugging Face checkpoints), with random weights.
+T5_SHAPES: dict[str, dict[str, Any]] = {
+    "t5-small": dict(d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, feed_forward_proj="relu"),
+    "flan-t5-xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, feed_forward_proj="gated-gelu"),
+}
+PHI3_SHAPES: dict[str, dict[str, Any]] = {
+    "phi-3-mini": dict(
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32
+    ),
+}
+SHAPES = ("tiny", *T5_SHAPES, *PHI3_SHAPES)
+DEFAULTS = {  # shape: (n, batch size, new tokens)
+    "tiny": (64, 16, 16),
+    "t5-small": (256, 16, 32),
+    "flan-t5-xl": (2048, 128, 64),
+    "phi-3-mini": (2048, 128, 64),
+}
+
+
+def build_model(shape: str, path: Path, device: str) -> Path:
+    """Build a random-weight model of `shape` and save it where `from_pretrained` (and the worker) load it."""
+    if shape == "tiny":
+        return build_tiny_model(path, "t5")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if shape in T5_SHAPES:
+        tokenizer = build_tokenizer(add_eos=True)
+        config = T5Config(
+            vocab_size=32128, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False, **T5_SHAPES[shape]
+        )
+        # Make the tokenizer's special ids agree with the config's.
+        assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1
+        with torch.device(device):
+            model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype)
+    else:
+        tokenizer = build_tokenizer(add_eos=False)
+        tokenizer.chat_template = PHI3_CHAT_TEMPLATE
+        tokenizer.model_max_length = 4096
+        config = Phi3Config(
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            original_max_position_embeddings=4096,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            **PHI3_SHAPES[shape],
+        )
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return path
+
+
+def load_questions(n: int) -> list[Question]:
+    with (DATA / "questions-dev.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return [Question(rows[i % len(rows)]["question"], rows[i % len(rows)]["course"]) for i in range(n)]
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: float
+    n: int
+    new_tokens: int
+    latencies_ms: list[float]
+
+    @property
+    def qps(self) -> float:
+        return self.n / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds
+
+    def percentile(self, p: float) -> float | None:
+        if not self.latencies_ms:
+            return None
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_seed_loop(questions: list[Question], retriever: Retriever, generator: Generator, device: str) -> Run:
+    started = time.perf_counter()
+    tokens = sum(answer(q, retriever, generator).completion_tokens for q in questions)
+    sync(device)
+    return Run("(a) seed loop, one at a time", time.perf_counter() - started, len(questions), tokens, [])
+
+
+def run_batched(
+    questions: list[Question], retriever: Retriever, generator: Generator, batch_size: int, max_batch_tokens: int, device: str
+) -> Run:
+    limits = BatchLimits(BatchCap(batch_size), max_batch_tokens)
+    started = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(questions), batch_size):
+        for result in answer_batch(questions[i : i + batch_size], retriever, generator, limits=limits):
+            if isinstance(result, Exception):
+                raise result
+            tokens += result.completion_tokens
+    sync(device)
+    return Run(f"(b) in-process, batches of {batch_size}", time.perf_counter() - started, len(questions), tokens, [])
+
+
+class System:
+    """Embedded Redis, `ragq api` (gunicorn) and one `ragq worker`, as subprocesses."""
+
+    def __init__(self, work: Path, model: Path, env_extra: dict[str, str]) -> None:
+        self.redis = start_redis(work / "redis", appendonly=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
+        env.update(
+            HF_HUB_OFFLINE="1",
+            REDIS_URL=self.redis.url,
+            RAGQ_MODEL=f"bench={model}",
+            RAGQ_DOCUMENTS=str(DATA / "documents.json"),
+            RAGQ_PORT=str(self.port),
+            RAGQ_DATA_DIR=str(work / "data"),
+            RAGQ_API_THREADS="256",
+            **env_extra,
+        )
+        self.logs = work / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.children = [self._spawn("worker", env), self._spawn("api", env)]
+
+    def _spawn(self, command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{command}.log").open("wb")
+        return subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", command, *(["--loglevel", "WARNING"] if command == "worker" else [])],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout_s: float = 900) -> None:
+        from shared.store import connect, ready_workers
+
+        client = connect(self.redis.url)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for child in self.children:
+                if child.poll() is not None:
+                    raise RuntimeError(f"a child exited; see {self.logs}")
+            try:
+                if ready_workers(client, 0) and requests.get(f"{self.url}/readyz", timeout=2).ok:
+                    time.sleep(1)  # the worker announces itself just before it starts consuming
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"system not ready; see {self.logs}")
+
+    def stop(self) -> None:
+        for child in self.children:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for child in self.children:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        self.redis.stop()
+
+
+def run_system(system: System, questions: list[Question], params: dict[str, Any], clients: int) -> Run:
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=clients, pool_maxsize=clients)
+    session.mount("http://", adapter)
+
+    def submit(q: Question) -> str:
+        body = {"question": q.question, "course": q.course, "params": params}
+        response = session.post(f"{system.url}/v1/jobs", json=body, timeout=60)
+        response.raise_for_status()
+        return str(response.json()["id"])
+
+    def collect(job_id: str) -> dict[str, Any]:
+        while True:
+            job = session.get(f"{system.url}/v1/jobs/{job_id}", params={"wait": 60}, timeout=120).json()
+            if job["status"] not in ("queued", "running"):
+                return dict(job)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(16) as submitters, ThreadPoolExecutor(clients) as collectors:
+        ids = submitters.map(submit, questions)
+        jobs = list(collectors.map(collect, ids))
+    seconds = time.perf_counter() - started
+    failed = [j for j in jobs if j["status"] != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {failed[0]}")
+    latencies = [j["timings"]["total_ms"] for j in jobs]
+    tokens = sum(j["usage"]["completion_tokens"] for j in jobs)
+    sizes = [j["timings"]["batch_size"] for j in jobs]
+    print(f"    system batch sizes: mean {statistics.mean(sizes):.1f}, max {max(sizes)}", flush=True)
+    return Run("(c) system: HTTP -> Redis -> worker", seconds, len(jobs), tokens, latencies)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="t5-small")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--n", type=int, help="questions (default per shape)")
+    parser.add_argument("--seed-n", type=int, help="questions for the one-at-a-time loop (default: n)")
+    parser.add_argument("--batch-size", type=int, help="B (default per shape)")
+    parser.add_argument("--max-batch-tokens", type=int, default=1 << 22)
+    parser.add_argument("--new-tokens", type=int, help="tokens generated per question, fixed (default per shape)")
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=256, help="concurrent long-polls in (c)")
+    parser.add_argument("--skip", default="", help="comma-separated runs to skip: a, b, c")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    if not (DATA / "questions-dev.csv").exists():
+        print(f"bench.throughput needs the course data in {DATA}", file=sys.stderr)
+        return 2
+    n_default, b_default, t_default = DEFAULTS[args.shape]
+    n = args.n or n_default
+    batch_size = args.batch_size or b_default
+    new_tokens = args.new_tokens or t_default
+    params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_beams": args.num_beams}
+    questions = [Question(q.question, q.course, 5, params) for q in load_questions(n)]
+    skip = set(filter(None, args.skip.split(",")))
+
+    work = Path(tempfile.mkdtemp(prefix="ragq-bench-"))
+    print(f"building {args.shape} on {args.device} ...", flush=True)
+    model_dir = build_model(args.shape, work / args.shape, args.device)
+    retriever = Retriever(load_documents(str(DATA / "documents.json"), work))
+    runs: dict[str, Run] = {}
+    generator = load_generator(str(model_dir), device=args.device)
+    generator.warm_up()
+    if "a" not in skip:
+        seed_questions = questions[: args.seed_n or n]
+        print(f"(a) seed loop over {len(seed_questions)} ...", flush=True)
+        runs["a"] = run_seed_loop(seed_questions, retriever, generator, args.device)
+    if "b" not in skip:
+        print(f"(b) in-process batches of {batch_size} over {n} ...", flush=True)
+        runs["b"] = run_batched(questions, retriever, generator, batch_size, args.max_batch_tokens, args.device)
+    del generator
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    if "c" not in skip:
+        print(f"(c) system over {n} ...", flush=True)
+        system = System(
+            work,
+            model_dir,
+            {
+                "RAGQ_DEVICE": args.device,
+                "RAGQ_MAX_BATCH_SIZE": str(batch_size),
+                "RAGQ_MAX_BATCH_TOKENS": str(args.max_batch_tokens),
+            },
+        )
+        try:
+            system.wait_ready()
+            runs["c"] = run_system(system, questions, params, args.clients)
+        finally:
+            system.stop()
+
+    print()
+    print(f"shape {args.shape}, device {args.device}, n {n}, {new_tokens} new tokens per question, beams {args.num_beams}")
+    print(f"{'run':<38} {'n':>6} {'q/s':>9} {'tok/s':>10} {'p50 ms':>9} {'p95 ms':>9}")
+    for run in runs.values():
+        p50, p95 = run.percentile(0.5), run.percentile(0.95)
+        print(
+            f"{run.name:<38} {run.n:>6} {run.qps:>9.2f} {run.tokens_per_s:>10.1f} "
+            f"{'' if p50 is None else f'{p50:.0f}':>9} {'' if p95 is None else f'{p95:.0f}':>9}"
+        )
+    ratios = {}
+    if "a" in runs and "b" in runs:
+        ratios["b_over_a"] = runs["b"].qps / runs["a"].qps
+    if "b" in runs and "c" in runs:
+        ratios["c_over_b"] = runs["c"].qps / runs["b"].qps
+    for name, value in ratios.items():
+        print(f"{name.replace('_over_', '/')}: {value:.3f}")
+    figures = {
+        "shape": args.shape,
+        "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+        "n": n,
+        "seed_n": runs["a"].n if "a" in runs else None,
+        "batch_size": batch_size,
+        "new_tokens": new_tokens,
+        "num_beams": args.num_beams,
+        "seed_loop_qps": runs["a"].qps if "a" in runs else None,
+        "inprocess_batched_qps": runs["b"].qps if "b" in runs else None,
+        "system_qps": runs["c"].qps if "c" in runs else None,
+        "system_p50_ms": runs["c"].percentile(0.5) if "c" in runs else None,
+        "system_p95_ms": runs["c"].percentile(0.95) if "c" in runs else None,
+        "seed_loop_tokens_per_s": runs["a"].tokens_per_s if "a" in runs else None,
+        "inprocess_batched_tokens_per_s": runs["b"].tokens_per_s if "b" in runs else None,
+        "system_tokens_per_s": runs["c"].tokens_per_s if "c" in runs else None,
+        **ratios,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
