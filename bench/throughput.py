@@ -53,11 +53,12 @@ PHI3_SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 SHAPES = ("tiny", *T5_SHAPES, *PHI3_SHAPES)
-DEFAULTS = {  # shape: (n, batch size, new tokens)
-    "tiny": (64, 16, 16),
-    "t5-small": (256, 16, 32),
-    "flan-t5-xl": (2048, 128, 64),
-    "phi-3-mini": (2048, 128, 64),
+DEFAULTS = {  # shape: (n, batch size, new tokens, padded prompt tokens x beams per generate call)
+    "tiny": (64, 16, 16, 1 << 22),
+    "t5-small": (256, 16, 32, 1 << 22),
+    # Bounded so the KV cache fits: Phi-3 mini keeps about 0.4 MB per token in bf16.
+    "flan-t5-xl": (2048, 128, 64, 1 << 17),
+    "phi-3-mini": (2048, 128, 64, 1 << 16),
 }
 
 
@@ -99,8 +100,8 @@ def build_model(shape: str, path: Path, device: str) -> Path:
     return path
 
 
-def load_questions(n: int) -> list[Question]:
-    with (DATA / "questions-dev.csv").open() as f:
+def load_questions(n: int, data: Path) -> list[Question]:
+    with (data / "questions-dev.csv").open() as f:
         rows = list(csv.DictReader(f))
     return [Question(rows[i % len(rows)]["question"], rows[i % len(rows)]["course"]) for i in range(n)]
 
@@ -158,7 +159,7 @@ def run_batched(
 class System:
     """Embedded Redis, `ragq api` (gunicorn) and one `ragq worker`, as subprocesses."""
 
-    def __init__(self, work: Path, model: Path, env_extra: dict[str, str]) -> None:
+    def __init__(self, work: Path, model: Path, data: Path, env_extra: dict[str, str]) -> None:
         self.redis = start_redis(work / "redis", appendonly=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -167,7 +168,7 @@ class System:
             HF_HUB_OFFLINE="1",
             REDIS_URL=self.redis.url,
             RAGQ_MODEL=f"bench={model}",
-            RAGQ_DOCUMENTS=str(DATA / "documents.json"),
+            RAGQ_DOCUMENTS=str(data / "documents.json"),
             RAGQ_PORT=str(self.port),
             RAGQ_DATA_DIR=str(work / "data"),
             RAGQ_API_THREADS="256",
@@ -259,28 +260,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="questions (default per shape)")
     parser.add_argument("--seed-n", type=int, help="questions for the one-at-a-time loop (default: n)")
     parser.add_argument("--batch-size", type=int, help="B (default per shape)")
-    parser.add_argument("--max-batch-tokens", type=int, default=1 << 22)
+    parser.add_argument("--max-batch-tokens", type=int, help="cap per generate call (default per shape)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per question, fixed (default per shape)")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--clients", type=int, default=256, help="concurrent long-polls in (c)")
     parser.add_argument("--skip", default="", help="comma-separated runs to skip: a, b, c")
+    parser.add_argument("--data", type=Path, default=DATA, help=f"course data folder (default {DATA})")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
-    if not (DATA / "questions-dev.csv").exists():
-        print(f"bench.throughput needs the course data in {DATA}", file=sys.stderr)
+    if not (args.data / "questions-dev.csv").exists():
+        print(f"bench.throughput needs the course data in {args.data}", file=sys.stderr)
         return 2
-    n_default, b_default, t_default = DEFAULTS[args.shape]
+    n_default, b_default, t_default, tokens_default = DEFAULTS[args.shape]
+    args.max_batch_tokens = args.max_batch_tokens or tokens_default
     n = args.n or n_default
     batch_size = args.batch_size or b_default
     new_tokens = args.new_tokens or t_default
     params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_beams": args.num_beams}
-    questions = [Question(q.question, q.course, 5, params) for q in load_questions(n)]
+    questions = [Question(q.question, q.course, 5, params) for q in load_questions(n, args.data)]
     skip = set(filter(None, args.skip.split(",")))
 
     work = Path(tempfile.mkdtemp(prefix="ragq-bench-"))
     print(f"building {args.shape} on {args.device} ...", flush=True)
     model_dir = build_model(args.shape, work / args.shape, args.device)
-    retriever = Retriever(load_documents(str(DATA / "documents.json"), work))
+    retriever = Retriever(load_documents(str(args.data / "documents.json"), work))
     runs: dict[str, Run] = {}
     generator = load_generator(str(model_dir), device=args.device)
     generator.warm_up()
@@ -299,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         system = System(
             work,
             model_dir,
+            args.data,
             {
                 "RAGQ_DEVICE": args.device,
                 "RAGQ_MAX_BATCH_SIZE": str(batch_size),

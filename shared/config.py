@@ -81,7 +81,7 @@ class Settings:
     max_batch_tokens: int | None = _setting(
         "RAGQ_MAX_BATCH_TOKENS",
         None,
-        "Padded prompt tokens x beams per generate call at most. Unset: 16384 on CPU, 262144 on CUDA.",
+        "Padded prompt tokens x beams per generate call at most. Unset: 16384 on CPU, 65536 on CUDA.",
         lo=16,
         hi=100_000_000,
     )

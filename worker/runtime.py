@@ -27,7 +27,7 @@ from worker.tiny import ensure_tiny_model
 log = logging.getLogger(__name__)
 
 # (max_batch_size, batch_wait_ms, max_batch_tokens) when not configured.
-BATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 262_144)}
+BATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 65_536)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU run of bench.throughput, as one prepared script for a lent GPU machine with no package index:
+# its Python has torch and transformers; the rest comes from .gpu/ (wheels, a redis-server, the course
+# data), carried beside the checkout. Figures and logs go to $OUT (default bench/results).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PATH=$PWD/.gpu/bin:$PATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --find-links .gpu/wheels celery redis flask gunicorn pydantic minsearch 2>&1 | tail -3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+for shape in ${SHAPES:-flan-t5-xl phi-3-mini}; do
+  timeout "${SHAPE_TIMEOUT_S:-270}" python3 -m bench.throughput --device cuda --shape "$shape" \
+    --n "${N:-2048}" --seed-n "${SEED_N:-64}" --data .gpu/data --json "$OUT/$shape-cuda.json" \
+    2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT/$shape-cuda.log"
+done

@@ -1,0 +1,29 @@
+"""The benchmarks run end to end on the tiny shape (a smoke test: figures are checked for shape, not speed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+
+def test_throughput_benchmark_tiny_shape_writes_its_figures(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.throughput", "--shape", "tiny", "--n", "24", "--seed-n", "8", "--batch-size", "8",
+         "--new-tokens", "4", "--clients", "24", "--data", str(shared_data), "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")} | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in ("seed_loop_qps", "inprocess_batched_qps", "system_qps", "system_p50_ms", "system_p95_ms", "b_over_a", "c_over_b"):
+        assert figures[key] > 0, key
+    assert figures["n"] == 24 and figures["shape"] == "tiny" and figures["device"] == "cpu"
+    assert figures["system_p50_ms"] <= figures["system_p95_ms"]
+    assert "(c) system" in result.stdout and "c/b" in result.stdout
