@@ -9,7 +9,7 @@ from shared.config import Settings
 
 def create_app(config: Settings | None = None) -> Flask:
     """The Flask app; `config` defaults to settings read from the environment."""
-    from api import errors, health, jobs, openapi, state
+    from api import batches, errors, health, jobs, openapi, state
 
     settings = config if config is not None else Settings.from_env()
     app = Flask(__name__)
@@ -19,5 +19,6 @@ def create_app(config: Settings | None = None) -> Flask:
     errors.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
+    app.register_blueprint(batches.bp)
     app.register_blueprint(openapi.bp)
     return app

@@ -10,7 +10,7 @@ from typing import Any
 import pydantic
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from api import state
+from api import idempotency, state
 from shared.broker import enqueue
 from shared.config import MAX_WAIT_S
 from shared.errors import BadRequest, Conflict, NotFound, Unavailable, ValidationFailed
@@ -23,8 +23,28 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 def submit() -> tuple[Response, int, dict[str, str]]:
     """Validate, store and enqueue a job; 202 with the job and its Location."""
     api = state.get()
-    job_request = validate(api.job_request, read_json())
+    body = read_body()
+    fingerprint = idempotency.fingerprint(body)
+    earlier = idempotency.replayed_id("job", fingerprint)
+    if earlier is not None:
+        return _replayed(api.store.get(earlier).to_public())
+    job_request = validate(api.requests.job, parse_json(body))
     job = Job.new(job_request, api.settings.default_model.name)
+    try:
+        with idempotency.reserve("job", job.id, fingerprint, lambda job_id: api.store.get(job_id).to_public()):
+            store_and_enqueue(job)
+    except idempotency.Replay as replay:
+        return _replayed(replay.obj)  # type: ignore[arg-type]
+    return jsonify(job.to_public()), 202, {"Location": url_for("jobs.read", job_id=job.id)}
+
+
+def _replayed(job: dict[str, Any]) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(job), 200, {"Idempotent-Replayed": "true", "Location": url_for("jobs.read", job_id=job["id"])}
+
+
+def store_and_enqueue(job: Job) -> None:
+    """Store the job, then put it on its model's queue; undo the store if the enqueue fails."""
+    api = state.get()
     api.store.create(job)
     try:
         enqueue(api.celery, job.id, job.model)
@@ -35,8 +55,6 @@ def submit() -> tuple[Response, int, dict[str, str]]:
         except Exception:
             pass
         raise Unavailable("the queue (Redis) is unavailable; the job was not accepted") from exc
-    location = url_for("jobs.read", job_id=job.id)
-    return jsonify(job.to_public()), 202, {"Location": location}
 
 
 @bp.get("/<job_id>")
@@ -59,11 +77,15 @@ def cancel(job_id: str) -> dict[str, Any]:
     return store.get(job_id).to_public()
 
 
-def read_json() -> Any:
-    """The request body as JSON, or a 400 that says why not."""
+def read_body() -> bytes:
+    """The raw JSON request body (400 unless the Content-Type is JSON)."""
     if not request.is_json:
         raise BadRequest("Content-Type must be application/json")
-    raw = request.get_data(cache=False)
+    return request.get_data(cache=False)
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON, or a 400 that says why not."""
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

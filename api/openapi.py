@@ -37,7 +37,7 @@ def _job(description: str) -> dict[str, Any]:
 
 def build_document() -> dict[str, Any]:
     """The OpenAPI document for this app's settings (bounds and served models included)."""
-    job_request = state.get().job_request
+    job_request = state.get().requests.job
     _, schemas = models_json_schema([(job_request, "validation"), (JobView, "serialization")], ref_template=REF)
     components = schemas.get("$defs", {})
     components["Error"] = ERROR_SCHEMA

@@ -9,7 +9,7 @@ from flask import Flask, current_app
 
 from shared.broker import make_celery
 from shared.config import Settings
-from shared.jobs import JobRequestBase, request_model_for
+from shared.jobs import RequestModels, request_models_for
 from shared.store import JobStore, connect
 
 
@@ -18,7 +18,7 @@ class ApiState:
     settings: Settings
     store: JobStore
     celery: Celery
-    job_request: type[JobRequestBase]
+    requests: RequestModels
 
 
 def init_app(app: Flask, settings: Settings) -> None:
@@ -28,7 +28,7 @@ def init_app(app: Flask, settings: Settings) -> None:
         settings=settings,
         store=JobStore(client, settings.result_ttl_s),
         celery=make_celery(settings),
-        job_request=request_model_for(settings),
+        requests=request_models_for(settings),
     )
 
 

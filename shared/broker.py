@@ -33,7 +33,9 @@ def make_celery(settings: Settings) -> Celery:
         # Redis redelivers an unacknowledged message after this; it must outlast the time limit
         # (Settings enforces that) or long jobs run twice.
         # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # queue_order_strategy "priority": a worker reads its model's interactive queue before its batch queue
+        # on every fetch, instead of Kombu's default round robin.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, "queue_order_strategy": "priority"},
         # Without this a lost broker connection leaves late-ack tasks running whose messages are
         # redelivered anyway; Celery 6 makes it the default.
         worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -46,6 +48,7 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job_id: str, model_name: str) -> None:
-    """Put a job on its model's queue, by task name, so the API never imports worker code."""
-    app.send_task(ANSWER_TASK, args=[job_id], queue=keys.model_queue(model_name))
+def enqueue(app: Celery, job_id: str, model_name: str, *, batch_item: bool = False) -> None:
+    """Put a job on its model's queue (interactive or batch), by task name, so the API never imports worker code."""
+    queue = keys.model_batch_queue(model_name) if batch_item else keys.model_queue(model_name)
+    app.send_task(ANSWER_TASK, args=[job_id], queue=queue)

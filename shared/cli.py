@@ -13,6 +13,7 @@ from typing import Any
 
 import requests
 
+from shared.batch_cli import add_batch_commands
 from shared.config import MAX_WAIT_S, Settings
 from shared.errors import RagqError
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--json", action="store_true", help="print the whole job as JSON")
     ask.add_argument("--timeout", type=float, default=600, help="seconds to wait for the answer (default 600)")
     ask.set_defaults(func=cmd_ask)
+    add_batch_commands(commands)
     return parser
 
 

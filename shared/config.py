@@ -85,6 +85,15 @@ class Settings:
         lo=16,
         hi=100_000_000,
     )
+    max_batch_lines: int = _setting(
+        "RAGQ_MAX_BATCH_LINES", 100_000, "Lines (requests) in one batch at most.", lo=1, hi=10_000_000
+    )
+    max_batch_bytes: int = _setting(
+        "RAGQ_MAX_BATCH_BYTES", 200 * 1024 * 1024, "Largest batch file.", lo=1024, hi=4 * 1024 * 1024 * 1024
+    )
+    callback_secret: str | None = _setting(
+        "RAGQ_CALLBACK_SECRET", None, "HMAC-SHA256 key signing batch callbacks. Unset: `callback_url` is refused."
+    )
     fallback_tiny_model: bool = _setting(
         "RAGQ_FALLBACK_TINY_MODEL", False, "Serve a tiny local model when the configured one cannot be had."
     )

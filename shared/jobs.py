@@ -22,6 +22,7 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EXPIRED = "expired"
 
     @property
     def is_final(self) -> bool:
@@ -30,12 +31,16 @@ class JobStatus(enum.StrEnum):
 
 # running -> running is a redelivery: the worker that held the job died (or outlived the visibility
 # timeout) and another worker takes it over; only one of them can make the final transition.
+# expired: a batch item not finished when its batch's completion window ended.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.EXPIRED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+    ),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
+    JobStatus.EXPIRED: frozenset(),
 }
 
 
@@ -56,9 +61,22 @@ class JobRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models of one deployment: bounds and served models come from its settings."""
+
+    job: type[JobRequestBase]
+    batch_line: type[JobRequestBase]
+    batch_options: type[BaseModel]
+
+
+COMPLETION_WINDOW = r"^[1-9][0-9]{0,6}[smhd]$"
+MAX_METADATA_KEYS = 16
+
+
 @functools.cache
-def request_model(question_chars_cap: int, new_tokens_cap: int, model_names: tuple[str, ...]) -> type[JobRequestBase]:
-    """The request model with this deployment's bounds, so validation and the OpenAPI document agree."""
+def request_models(question_chars_cap: int, new_tokens_cap: int, model_names: tuple[str, ...]) -> RequestModels:
+    """The request models with this deployment's bounds, so validation and the OpenAPI document agree."""
 
     class GenerationParams(GenerationParamsBase):
         max_new_tokens: int | None = Field(None, ge=1, le=new_tokens_cap, description="Tokens to generate at most.")
@@ -69,23 +87,45 @@ def request_model(question_chars_cap: int, new_tokens_cap: int, model_names: tup
         top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
         top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k likeliest tokens.")
 
-    class JobRequest(JobRequestBase):
+    class QuestionFields(JobRequestBase):
         question: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=question_chars_cap)]
         course: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
             None, description="Only retrieve FAQ entries of this course."
         )
-        model: Literal[model_names] | None = Field(  # type: ignore[valid-type]
-            None, description="A served model; the default model when omitted."
-        )
         top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="FAQ entries to retrieve.")
         params: GenerationParams = Field(default_factory=GenerationParams)
 
-    return JobRequest
+    served = Literal[model_names]  # type: ignore[valid-type]
+
+    class JobRequest(QuestionFields):
+        model: served | None = Field(None, description="A served model; the default model when omitted.")  # type: ignore[valid-type]
+
+    class BatchLine(QuestionFields):
+        custom_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
+            description="Your key for this request; unique within the batch."
+        )
+
+    class BatchOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+
+        model: served | None = Field(None, description="A served model; the default model when omitted.")  # type: ignore[valid-type]
+        completion_window: Annotated[str, StringConstraints(pattern=COMPLETION_WINDOW)] = Field(
+            "24h", description="Items not finished this long after submission expire: `90s`, `30m`, `24h`, `7d`."
+        )
+        metadata: dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]] | None = Field(
+            None, max_length=MAX_METADATA_KEYS, description="Up to 16 string pairs, returned with the batch."
+        )
+        callback_url: Annotated[str, StringConstraints(pattern=r"^https?://", max_length=2048)] | None = Field(
+            None, description="Receives the final batch object, signed, once the batch ends."
+        )
+        params: GenerationParams | None = Field(None, description="Default generation params for every line.")
+
+    return RequestModels(JobRequest, BatchLine, BatchOptions)
 
 
-def request_model_for(settings: Settings) -> type[JobRequestBase]:
-    """`request_model` for these settings."""
-    return request_model(settings.max_question_chars, settings.max_new_tokens, tuple(settings.model_names))
+def request_models_for(settings: Settings) -> RequestModels:
+    """`request_models` for these settings."""
+    return request_models(settings.max_question_chars, settings.max_new_tokens, tuple(settings.model_names))
 
 
 def iso(ts: float | None) -> str | None:
@@ -117,9 +157,11 @@ class Job:
     served_by: str | None = None
     worker: str | None = None
     attempts: int = 0
+    batch_id: str | None = None
+    custom_id: str | None = None
 
     @classmethod
-    def new(cls, request: JobRequestBase, default_model: str) -> Job:
+    def new(cls, request: JobRequestBase, default_model: str, **extra: Any) -> Job:
         """A queued job for a validated request."""
         data = request.model_dump()
         return cls(
@@ -127,15 +169,22 @@ class Job:
             status=JobStatus.QUEUED,
             question=data["question"],
             course=data["course"],
-            model=data["model"] or default_model,
+            model=data.get("model") or default_model,
             top_k=data["top_k"],
             params={k: v for k, v in data["params"].items() if v is not None},
             created_at=time.time(),
+            **extra,
         )
 
     def to_redis(self) -> dict[str, str]:
-        """Hash fields: status as-is (the transition script compares it), everything else JSON."""
-        fields = {k: json.dumps(v) for k, v in asdict(self).items() if k != "status"}
+        """Hash fields: status as-is (the transition script compares it), everything else JSON.
+
+        Fields still at their defaults are left out: a backlog of 100,000 queued items stays small.
+        """
+        defaults = _DEFAULTS
+        fields = {
+            k: json.dumps(v) for k, v in asdict(self).items() if k != "status" and (k in _REQUIRED or v != defaults.get(k))
+        }
         fields["status"] = self.status.value
         return fields
 
@@ -151,6 +200,13 @@ class Job:
         for name in ("created_at", "started_at", "finished_at"):
             data[name] = iso(data[name])
         return JobView.model_validate(data).model_dump(mode="json")
+
+
+_REQUIRED = {"id", "question", "model", "created_at"}
+_DEFAULTS: dict[str, Any] = {
+    f.name: (f.default_factory() if callable(f.default_factory) else f.default)  # type: ignore[misc]
+    for f in Job.__dataclass_fields__.values()
+}
 
 
 class SourceView(BaseModel):
@@ -203,3 +259,5 @@ class JobView(BaseModel):
     served_by: str | None = Field(description="The model that answered; names a stand-in when one was used.")
     worker: str | None
     attempts: int
+    batch_id: str | None = Field(None, description="The batch this job is an item of, if any.")
+    custom_id: str | None = Field(None, description="The item's custom_id in its batch.")

@@ -23,3 +23,68 @@ def model_queue(model_name: str) -> str:
 def workers() -> str:
     """Hash of worker processes that have loaded their model: `hostname:pid` -> JSON {model, ready_at}."""
     return f"{PREFIX}:workers"
+
+
+def model_batch_queue(model_name: str) -> str:
+    """Celery queue for batch items of one model; workers read it only when the interactive queue is empty."""
+    return f"{PREFIX}.model.{model_name}.batch"
+
+
+def batch(batch_id: str) -> str:
+    """Hash holding one batch's record."""
+    return f"{PREFIX}:batch:{batch_id}"
+
+
+def batch_counts(batch_id: str) -> str:
+    """Hash of a batch's item counts by status; moved in the same script as each item's status."""
+    return f"{PREFIX}:batch:{batch_id}:counts"
+
+
+def batch_jobs(batch_id: str) -> str:
+    """List of a batch's job ids in input order (results are read in this order)."""
+    return f"{PREFIX}:batch:{batch_id}:jobs"
+
+
+def batch_pending(batch_id: str) -> str:
+    """List of a batch's job ids not yet handed to the workers' queue."""
+    return f"{PREFIX}:batch:{batch_id}:pending"
+
+
+def batch_events(batch_id: str) -> str:
+    """Pub/sub channel announcing a batch's end."""
+    return f"{PREFIX}:batch:{batch_id}:events"
+
+
+def batches() -> str:
+    """Sorted set of all batch ids by creation time (for listing, newest first)."""
+    return f"{PREFIX}:batches"
+
+
+def active_batches(model_name: str) -> str:
+    """List of a model's batches with items still pending; the feeder rotates through it round-robin."""
+    return f"{PREFIX}:batches:active:{model_name}"
+
+
+def feed_inflight(model_name: str) -> str:
+    """Hash of job ids taken from pending lists but not yet confirmed on the Celery queue -> time taken."""
+    return f"{PREFIX}:feed:{model_name}:inflight"
+
+
+def callbacks() -> str:
+    """Sorted set of batch ids whose callback is due, scored by the time of the next attempt."""
+    return f"{PREFIX}:callbacks"
+
+
+def idempotency(kind: str, key_hash: str) -> str:
+    """String remembering which object an Idempotency-Key created (kind: `job` or `batch`)."""
+    return f"{PREFIX}:idempotency:{kind}:{key_hash}"
+
+
+def batch_deadlines() -> str:
+    """Sorted set of unfinished batch ids by the end of their completion window."""
+    return f"{PREFIX}:batches:deadlines"
+
+
+def callback_attempts() -> str:
+    """Hash: batch id -> failed callback deliveries so far."""
+    return f"{PREFIX}:callbacks:attempts"

@@ -1,9 +1,15 @@
-"""Job records in Redis: create, read, move through the state machine atomically, wait for the end."""
+"""Job records in Redis: create, read, move through the state machine atomically, wait for the end.
+
+Every status change of a job runs in one Lua script that also moves the counts of the job's batch, if it
+has one, and ends the batch when its last item ends; so a batch's counts add up at every observation. The
+scripts compute batch keys from templates built by `shared.keys` (single-node Redis; not cluster-safe).
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,26 +19,105 @@ from shared import keys
 from shared.errors import NotFound
 from shared.jobs import Job, JobStatus, allowed_sources
 
-# One round trip that checks the current status against the allowed sources and writes the new
-# status and fields only if it may: a cancel racing a worker, or two workers racing each other,
-# can never both succeed in making a final transition.
-_TRANSITION_LUA = """
+TEMPLATES = json.dumps(
+    {
+        "batch": keys.batch("{id}"),
+        "counts": keys.batch_counts("{id}"),
+        "jobs": keys.batch_jobs("{id}"),
+        "events": keys.batch_events("{id}"),
+        "callbacks": keys.callbacks(),
+        "deadlines": keys.batch_deadlines(),
+    }
+)
+
+# A library of Lua functions, prepended to each script below.
+_LUA_LIB = """
+local T = cjson.decode(ARGV[1])
+local RESULT_TTL = tonumber(ARGV[2])
+local function key(name, id) return (string.gsub(T[name], '{id}', id)) end
+local FINAL = {succeeded = true, failed = true, cancelled = true, expired = true}
+
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function finish_batch(batch_id)
+  local bkey = key('batch', batch_id)
+  if redis.call('HSETNX', bkey, 'finalized', '1') == 0 then return end
+  local status = redis.call('HGET', bkey, 'status')
+  local t = now()
+  if status == 'in_progress' then
+    redis.call('HSET', bkey, 'status', 'completed', 'completed_at', t)
+  elseif status == 'cancelling' then
+    redis.call('HSET', bkey, 'status', 'cancelled', 'cancelled_at', t)
+  end
+  redis.call('ZREM', T['deadlines'], batch_id)
+  local callback = redis.call('HGET', bkey, 'callback_url')
+  if callback and callback ~= 'null' then redis.call('ZADD', T['callbacks'], t, batch_id) end
+  for _, name in ipairs({'batch', 'counts', 'jobs'}) do redis.call('EXPIRE', key(name, batch_id), RESULT_TTL) end
+  redis.call('PUBLISH', key('events', batch_id), redis.call('HGET', bkey, 'status'))
+end
+
+local function transition(job_key, target, allowed, fields)
+  local current = redis.call('HGET', job_key, 'status')
+  if not current then return {0, ''} end
+  if not allowed[current] then return {0, current} end
+  redis.call('HSET', job_key, 'status', target)
+  for i = 1, #fields, 2 do redis.call('HSET', job_key, fields[i], fields[i + 1]) end
+  if target == 'running' then redis.call('HINCRBY', job_key, 'attempts', 1) end
+  if FINAL[target] then redis.call('EXPIRE', job_key, RESULT_TTL) end
+  redis.call('PUBLISH', job_key .. ':events', target)
+  local batch = redis.call('HGET', job_key, 'batch_id')
+  if batch and current ~= target then
+    batch = cjson.decode(batch)
+    if batch ~= cjson.null then
+      local counts = key('counts', batch)
+      redis.call('HINCRBY', counts, current, -1)
+      redis.call('HINCRBY', counts, target, 1)
+      if FINAL[target] then
+        local left = redis.call('HMGET', counts, 'queued', 'running')
+        if tonumber(left[1] or 0) + tonumber(left[2] or 0) == 0 then finish_batch(batch) end
+      end
+    end
+  end
+  return {1, current}
+end
+
+local function set_of(list)
+  local s = {}
+  for _, v in ipairs(list) do s[v] = true end
+  return s
+end
+"""
+
+# KEYS[1] job; ARGV: templates, result ttl, target, allowed (JSON list), fields (JSON list of name, value).
+_TRANSITION_LUA = _LUA_LIB + """
+return transition(KEYS[1], ARGV[3], set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]))
+"""
+
+# KEYS: job keys; ARGV as above. Returns how many jobs moved.
+_BULK_TRANSITION_LUA = _LUA_LIB + """
+local allowed, fields, moved = set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]), 0
+for _, job_key in ipairs(KEYS) do
+  moved = moved + transition(job_key, ARGV[3], allowed, fields)[1]
+end
+return moved
+"""
+
+# KEYS[1] batch; ARGV: templates, result ttl, target status, allowed statuses (JSON), fields (JSON).
+# Returns the status found. Ends the batch at once if nothing of it is queued or running.
+_BATCH_STATUS_LUA = _LUA_LIB + """
 local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return {0, ''} end
-local n = tonumber(ARGV[3])
-local allowed = false
-for i = 4, 3 + n do
-  if ARGV[i] == current then allowed = true end
-end
-if not allowed then return {0, current} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 4 + n, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-if ARGV[1] == 'running' then redis.call('HINCRBY', KEYS[1], 'attempts', 1) end
-if tonumber(ARGV[2]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-redis.call('PUBLISH', KEYS[2], ARGV[1])
-return {1, current}
+if not current then return '' end
+if not set_of(cjson.decode(ARGV[4]))[current] then return current end
+redis.call('HSET', KEYS[1], 'status', ARGV[3])
+local fields = cjson.decode(ARGV[5])
+for i = 1, #fields, 2 do redis.call('HSET', KEYS[1], fields[i], fields[i + 1]) end
+local id = cjson.decode(redis.call('HGET', KEYS[1], 'id'))
+local left = redis.call('HMGET', key('counts', id), 'queued', 'running')
+if tonumber(left[1] or 0) + tonumber(left[2] or 0) == 0 then finish_batch(id) end
+return current
 """
 
 
@@ -69,6 +154,8 @@ class JobStore:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self._transition = client.register_script(_TRANSITION_LUA)
+        self._bulk_transition = client.register_script(_BULK_TRANSITION_LUA)
+        self._batch_status = client.register_script(_BATCH_STATUS_LUA)
 
     def create(self, job: Job) -> None:
         """Store a new queued job (no TTL until it finishes)."""
@@ -92,15 +179,29 @@ class JobStore:
             pipe.hget(keys.job(job_id), "status")
         return [JobStatus(s) if s else None for s in pipe.execute()]
 
+    def _args(self, target: str, allowed: Sequence[str], fields: dict[str, Any]) -> list[Any]:
+        flat: list[str] = []
+        for name, value in fields.items():
+            flat += [name, json.dumps(value)]
+        return [TEMPLATES, self.result_ttl_s, target, json.dumps(list(allowed)), json.dumps(flat)]
+
     def transition(self, job_id: str, target: JobStatus, **fields: Any) -> Transition:
         """Move the job to `target` if the state machine allows it, writing `fields` with it."""
         sources = [s.value for s in allowed_sources(target)]
-        ttl = self.result_ttl_s if target.is_final else 0
-        args: list[str | int] = [target.value, ttl, len(sources), *sources]
-        for name, value in fields.items():
-            args += [name, json.dumps(value)]
-        applied, previous = self._transition(keys=[keys.job(job_id), keys.job_events(job_id)], args=args)
+        applied, previous = self._transition(keys=[keys.job(job_id)], args=self._args(target.value, sources, fields))
         return Transition(bool(applied), JobStatus(previous) if previous else None)
+
+    def transition_many(self, job_ids: Sequence[str], target: JobStatus, only_from: Sequence[JobStatus], **fields: Any) -> int:
+        """Move every job of `job_ids` whose status is in `only_from` to `target`; returns how many moved."""
+        sources = [s.value for s in only_from if s in allowed_sources(target)]
+        if not job_ids:
+            return 0
+        return int(self._bulk_transition(keys=[keys.job(j) for j in job_ids], args=self._args(target.value, sources, fields)))
+
+    def set_batch_status(self, batch_id: str, target: str, only_from: Sequence[str], **fields: Any) -> str | None:
+        """Set a batch's status if it is one of `only_from`; returns the status found (None: no such batch)."""
+        found = self._batch_status(keys=[keys.batch(batch_id)], args=self._args(target, only_from, fields))
+        return found or None
 
     def wait_until_final(self, job_id: str, timeout_s: float) -> Job:
         """The job once it is final, or its current state after `timeout_s`; blocks on pub/sub, never polls."""

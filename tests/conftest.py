@@ -60,6 +60,7 @@ def settings(redis_server: EmbeddedRedis, tiny_models: dict[str, Path], tmp_path
         data_dir=tmp_path_factory.mktemp("data"),
         task_time_limit_s=60,
         visibility_timeout_s=120,
+        callback_secret="test-callback-secret",
     )
 
 

@@ -15,3 +15,27 @@ def test_model_queue_format() -> None:
 
 def test_workers_key_format() -> None:
     assert keys.workers() == "ragq:workers"
+
+
+def test_batch_key_formats() -> None:
+    assert keys.batch("b1") == "ragq:batch:b1"
+    assert keys.batch_counts("b1") == "ragq:batch:b1:counts"
+    assert keys.batch_jobs("b1") == "ragq:batch:b1:jobs"
+    assert keys.batch_pending("b1") == "ragq:batch:b1:pending"
+    assert keys.batch_events("b1") == "ragq:batch:b1:events"
+    assert keys.batches() == "ragq:batches"
+    assert keys.active_batches("m") == "ragq:batches:active:m"
+    assert keys.feed_inflight("m") == "ragq:feed:m:inflight"
+    assert keys.callbacks() == "ragq:callbacks"
+    assert keys.idempotency("job", "abc") == "ragq:idempotency:job:abc"
+    assert keys.batch_deadlines() == "ragq:batches:deadlines"
+    assert keys.callback_attempts() == "ragq:callbacks:attempts"
+
+
+def test_batch_queue_format() -> None:
+    assert keys.model_batch_queue("flan-t5-base") == "ragq.model.flan-t5-base.batch"
+
+
+def test_job_events_channel_extends_the_job_key() -> None:
+    # The transition script publishes on `<job key>:events` without calling back into Python.
+    assert keys.job_events("abc") == keys.job("abc") + ":events"

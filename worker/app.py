@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from celery import Celery, signals
+from kombu import Queue
 
 from shared import keys
 from shared.broker import ANSWER_TASK, make_celery
@@ -23,8 +24,12 @@ def create_app(settings: Settings) -> Celery:
     app = make_celery(settings)
     caps = runtime.batch_settings(settings)
     app.conf.update(
-        # A plain `celery -A worker.main worker` consumes the default queue: this worker's model's.
+        # This worker's model's queues, interactive first (the broker's queue_order_strategy is "priority").
         task_default_queue=keys.model_queue(settings.worker_spec.name),
+        task_queues=(
+            Queue(keys.model_queue(settings.worker_spec.name)),
+            Queue(keys.model_batch_queue(settings.worker_spec.name)),
+        ),
         # Threads, not processes: every job's task runs in the one process that holds the model, so
         # the batcher can put waiting jobs into one generate call. Twice the batch size lets the next
         # batch fill while one runs. With prefetch 1 a worker reserves only as many messages as threads.

@@ -8,6 +8,7 @@ task, so acknowledgement, status and result stay per job.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -27,12 +28,17 @@ class Skipped:
 SKIPPED = Skipped()
 
 
+INTERACTIVE = 0
+BACKLOG = 1
+
+
 @dataclass
 class BatchItem:
     """One job waiting for its batch."""
 
     job_id: str
     payload: Any
+    priority: int = INTERACTIVE
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future[Any] = field(default_factory=Future)
 
@@ -45,6 +51,8 @@ class BatchInfo:
     wait_ms: float
 
 
+_STOP = 1 << 30
+
 RunBatch = Callable[[Sequence[BatchItem]], Sequence[Any]]
 
 
@@ -55,22 +63,25 @@ class Batcher:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
-        self._queue: queue.Queue[BatchItem | None] = queue.Queue()
+        # Interactive jobs first, then in arrival order: a job from the API joins the next batch even
+        # when batch items the worker already holds are waiting.
+        self._queue: queue.PriorityQueue[tuple[int, int, BatchItem | None]] = queue.PriorityQueue()
+        self._seq = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="ragq-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, job_id: str, payload: Any) -> Future[Any]:
+    def submit(self, job_id: str, payload: Any, priority: int = INTERACTIVE) -> Future[Any]:
         """Queue `payload`; the future resolves to its result, an exception, or `SKIPPED`."""
-        item = BatchItem(job_id, payload)
-        self._queue.put(item)
+        item = BatchItem(job_id, payload, priority)
+        self._queue.put((priority, next(self._seq), item))
         return item.future
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._queue.put((_STOP, next(self._seq), None))
         self._thread.join(timeout=5)
 
     def _collect(self) -> list[BatchItem] | None:
-        first = self._queue.get()
+        first = self._queue.get()[2]
         if first is None:
             return None
         batch = [first]
@@ -78,13 +89,13 @@ class Batcher:
         while len(batch) < self.max_batch_size:
             try:
                 # Take what is already waiting at once; wait for more only until the window closes.
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if item is None:
-                self._queue.put(None)
+            if entry[2] is None:
+                self._queue.put(entry)
                 break
-            batch.append(item)
+            batch.append(entry[2])
         return batch
 
     def _loop(self) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared.batch_store import BatchStore
+from shared.broker import make_celery
 from shared.config import Settings
 from shared.errors import ModelLoadError
 from shared.jobs import JobStatus
@@ -19,12 +21,15 @@ from shared.prompt import DEFAULT_TEMPLATE, check_template
 from shared.store import JobStore, announce_worker, connect
 from worker.batching import SKIPPED, BatchInfo, BatchItem, Batcher
 from worker.corpus import load_documents
+from worker.housekeeping import Housekeeper
 from worker.generation import Generator, load_generator, resolve_device
 from worker.pipeline import BatchCap, BatchLimits, answer_batch
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
+
+FEED_BATCHES = 4
 
 # (max_batch_size, batch_wait_ms, max_batch_tokens) when not configured.
 BATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 65_536)}
@@ -65,6 +70,7 @@ class Resident:
     hostname: str
     limits: BatchLimits
     batcher: Batcher | None = None
+    housekeeper: Housekeeper | None = None
 
     def run_batch(self, items: Sequence[BatchItem]) -> list[Any]:
         """Answer a batch: skip jobs cancelled while they waited, then one pipeline pass for the rest."""
@@ -112,6 +118,12 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     limits = BatchLimits(BatchCap(caps.max_batch_size), caps.max_batch_tokens)
     resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits)
     resident.batcher = Batcher(resident.run_batch, caps.max_batch_size, caps.batch_wait_ms)
+    # Keep a few batches' worth of backlog items on the queue: enough to fill batches, shallow enough that a
+    # newly submitted batch starts within seconds.
+    resident.housekeeper = Housekeeper(
+        BatchStore(store), make_celery(settings), spec.name, FEED_BATCHES * caps.max_batch_size, settings.callback_secret
+    )
+    resident.housekeeper.start()
     _resident = resident
     # `ragq serve` and the tests wait for this before sending work.
     announce_worker(store.redis, f"{hostname}:{os.getpid()}", spec.name)

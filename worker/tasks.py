@@ -9,7 +9,7 @@ from typing import Any
 
 from shared.jobs import JobStatus
 from worker import pipeline
-from worker.batching import BatchInfo, Skipped
+from worker.batching import BACKLOG, INTERACTIVE, BatchInfo, Skipped
 from worker.generation import GenerationError
 from worker.runtime import Resident
 
@@ -30,7 +30,7 @@ def run_job(resident: Resident, job_id: str, worker_name: str) -> JobStatus | No
         return _fail(resident, job_id, started_at, "wrong_model", f"job is for model {job.model!r}, worker serves {resident.spec.name!r}")
     question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
     assert resident.batcher is not None
-    future = resident.batcher.submit(job_id, question)
+    future = resident.batcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
     limit_s = resident.settings.task_time_limit_s
     try:
         outcome = future.result(timeout=limit_s)

@@ -1,0 +1,86 @@
+"""`Idempotency-Key`: a repeated POST within 24 hours returns the object the first one created."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from flask import request
+
+from api import state
+from shared import keys
+from shared.errors import Conflict, NotFound, ValidationFailed
+
+HEADER = "Idempotency-Key"
+TTL_S = 24 * 3600
+MAX_KEY_CHARS = 255
+
+
+def fingerprint(body: bytes) -> str:
+    """What makes two requests the same: method, path, query and body."""
+    digest = hashlib.sha256()
+    for part in (request.method.encode(), request.path.encode(), request.query_string, body):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
+def _redis_key(kind: str) -> str | None:
+    key = request.headers.get(HEADER)
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_KEY_CHARS:
+        raise ValidationFailed(f"{HEADER} must be 1 to {MAX_KEY_CHARS} characters")
+    return keys.idempotency(kind, hashlib.sha256(key.encode()).hexdigest())
+
+
+def replayed_id(kind: str, request_fingerprint: str) -> str | None:
+    """The id of the object an earlier request with this key created, or None for a first request."""
+    redis_key = _redis_key(kind)
+    if redis_key is None:
+        return None
+    raw = state.get().store.redis.get(redis_key)
+    if raw is None:
+        return None
+    return _check(json.loads(raw), request_fingerprint)
+
+
+def _check(entry: dict[str, str], request_fingerprint: str) -> str:
+    if entry["fingerprint"] != request_fingerprint:
+        raise Conflict(f"{HEADER} was already used for a different request", details={"type": "idempotency_key_reused"})
+    return entry["id"]
+
+
+@contextmanager
+def reserve(kind: str, object_id: str, request_fingerprint: str, replay: Callable[[str], object]) -> Iterator[None]:
+    """Claim the key for `object_id` while the object is created; release it if creation fails.
+
+    A concurrent request with the same key that claimed it first wins: `replay` is raised through
+    `Replay` with its object instead.
+    """
+    redis_key = _redis_key(kind)
+    if redis_key is None:
+        yield
+        return
+    client = state.get().store.redis
+    entry = {"id": object_id, "fingerprint": request_fingerprint}
+    if not client.set(redis_key, json.dumps(entry), nx=True, ex=TTL_S):
+        winner = _check(json.loads(client.get(redis_key) or json.dumps(entry)), request_fingerprint)
+        try:
+            raise Replay(replay(winner))
+        except NotFound:
+            raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly") from None
+    try:
+        yield
+    except BaseException:
+        client.delete(redis_key)
+        raise
+
+
+class Replay(Exception):
+    """A concurrent request with the same key created the object first; carries that object."""
+
+    def __init__(self, obj: object) -> None:
+        super().__init__("replay")
+        self.obj = obj

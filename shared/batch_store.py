@@ -1,0 +1,215 @@
+"""Batches in Redis: create in pipelines, read with counts, cancel, expire, stream results, feed the workers.
+
+Batch items are ordinary job records (with `batch_id` and `custom_id`). They wait in a per-batch pending
+list; workers' feeders take them round-robin across a model's active batches into the model's batch queue,
+keeping that queue shallow: interactive jobs never wait behind a backlog, and a small batch is not starved
+by a big one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+
+from shared import keys
+from shared.batches import COUNT_NAMES, Batch, BatchStatus
+from shared.errors import Conflict, NotFound, Unavailable
+from shared.jobs import Job, JobStatus
+from shared.store import JobStore
+
+CHUNK = 2000
+
+# KEYS: none; ARGV[1] active list, ARGV[2] pending template, ARGV[3] inflight hash, ARGV[4] n, ARGV[5] now.
+# Rotates the active list, taking one item per batch per turn; drops batches whose pending list is empty.
+_TAKE_LUA = """
+local active, inflight, n, now = ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local taken = {}
+local batches = redis.call('LLEN', active)
+while #taken < n and batches > 0 do
+  local batch = redis.call('LMOVE', active, active, 'LEFT', 'RIGHT')
+  local id = redis.call('LPOP', (string.gsub(ARGV[2], '{id}', batch)))
+  if id then
+    table.insert(taken, id)
+    redis.call('HSET', inflight, id, now)
+  else
+    redis.call('LREM', active, 0, batch)
+    batches = batches - 1
+  end
+end
+return taken
+"""
+
+
+class BatchStore:
+    """All reads and writes of batches; job transitions go through `JobStore` so counts stay exact."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+        self.redis: redis.Redis = jobs.redis
+        self._take = self.redis.register_script(_TAKE_LUA)
+
+    def create(self, batch: Batch, items: list[Job]) -> None:
+        """Store the batch and its items; the batch becomes visible (and fed) only once everything is written."""
+        written: list[str] = []
+        try:
+            for start in range(0, len(items), CHUNK):
+                chunk = items[start : start + CHUNK]
+                pipe = self.redis.pipeline(transaction=False)
+                for job in chunk:
+                    pipe.hset(keys.job(job.id), mapping=job.to_redis())
+                ids = [job.id for job in chunk]
+                pipe.rpush(keys.batch_jobs(batch.id), *ids)
+                pipe.rpush(keys.batch_pending(batch.id), *ids)
+                written += ids
+                pipe.execute()
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(keys.batch(batch.id), mapping=batch.to_redis())
+            pipe.hset(keys.batch_counts(batch.id), mapping={name: 0 for name in COUNT_NAMES} | {"queued": len(items)})
+            pipe.zadd(keys.batches(), {batch.id: batch.created_at})
+            pipe.zadd(keys.batch_deadlines(), {batch.id: batch.expires_at})
+            pipe.rpush(keys.active_batches(batch.model), batch.id)
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._undo(batch.id, written)
+            raise Unavailable("the job store (Redis) failed while storing the batch; nothing was kept") from exc
+
+    def _undo(self, batch_id: str, job_ids: list[str]) -> None:
+        try:
+            for start in range(0, len(job_ids), CHUNK):
+                self.redis.delete(*[keys.job(j) for j in job_ids[start : start + CHUNK]])
+            self.redis.delete(keys.batch_jobs(batch_id), keys.batch_pending(batch_id), keys.batch(batch_id))
+        except redis.RedisError:
+            pass
+
+    def get(self, batch_id: str) -> tuple[Batch, dict[str, int]]:
+        """The batch and its counts, read together."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hgetall(keys.batch(batch_id))
+        pipe.hgetall(keys.batch_counts(batch_id))
+        fields, counts = pipe.execute()
+        if not fields:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        return Batch.from_redis(fields), {k: int(v) for k, v in counts.items()}
+
+    def public(self, batch_id: str) -> dict[str, Any]:
+        batch, counts = self.get(batch_id)
+        return batch.to_public(counts)
+
+    def list(self, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """Batches newest first, `limit` of them, starting after the batch `after`."""
+        index = keys.batches()
+        start = 0
+        if after is not None:
+            rank = self.redis.zrevrank(index, after)
+            if rank is None:
+                raise NotFound(f"no batch with id {after!r}")
+            start = rank + 1
+        ids = self.redis.zrevrange(index, start, start + limit)
+        page = []
+        for batch_id in ids[:limit]:
+            try:
+                page.append(self.public(batch_id))
+            except NotFound:
+                # Expired records leave their id in the index until the next sweep.
+                self.redis.zrem(index, batch_id)
+        return page, len(ids) > limit
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        """Stop feeding the batch and cancel its queued items at once; running items finish."""
+        found = self.jobs.set_batch_status(batch_id, BatchStatus.CANCELLING.value, [BatchStatus.IN_PROGRESS.value])
+        if found is None:
+            raise NotFound(f"no batch with id {batch_id!r}")
+        if BatchStatus(found).has_ended:
+            raise Conflict(f"batch has already ended: {found}", details={"status": found})
+        self.redis.delete(keys.batch_pending(batch_id))
+        self._move_items(batch_id, JobStatus.CANCELLED, [JobStatus.QUEUED], finished_at=time.time())
+        return self.public(batch_id)
+
+    def expire_due(self, now: float | None = None) -> list[str]:
+        """End every batch whose completion window has passed: unfinished items become `expired`."""
+        now = time.time() if now is None else now
+        expired = []
+        for batch_id in self.redis.zrangebyscore(keys.batch_deadlines(), "-inf", now):
+            found = self.jobs.set_batch_status(
+                batch_id,
+                BatchStatus.EXPIRED.value,
+                [BatchStatus.IN_PROGRESS.value, BatchStatus.CANCELLING.value],
+                expired_at=now,
+            )
+            self.redis.delete(keys.batch_pending(batch_id))
+            if found and not BatchStatus(found).has_ended:
+                self._move_items(batch_id, JobStatus.EXPIRED, [JobStatus.QUEUED, JobStatus.RUNNING], finished_at=now)
+                expired.append(batch_id)
+            self.redis.zrem(keys.batch_deadlines(), batch_id)
+        return expired
+
+    def _move_items(self, batch_id: str, target: JobStatus, only_from: list[JobStatus], **fields: Any) -> int:
+        moved = 0
+        for ids in self.job_ids(batch_id):
+            moved += self.jobs.transition_many(ids, target, only_from, **fields)
+        return moved
+
+    def job_ids(self, batch_id: str) -> Iterator[list[str]]:
+        """The batch's job ids in input order, in chunks."""
+        start = 0
+        while True:
+            ids = self.redis.lrange(keys.batch_jobs(batch_id), start, start + CHUNK - 1)
+            if not ids:
+                return
+            yield ids
+            start += CHUNK
+
+    def results(self, batch_id: str, status: JobStatus | None = None) -> Iterator[dict[str, Any]]:
+        """One result per item in input order (optionally only items with `status`), as they stand now."""
+        self.get(batch_id)
+        for ids in self.job_ids(batch_id):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(keys.job(job_id))
+            for job_id, fields in zip(ids, pipe.execute(), strict=True):
+                if not fields:
+                    continue
+                job = Job.from_redis(fields)
+                if status is not None and job.status is not status:
+                    continue
+                yield {
+                    "custom_id": job.custom_id,
+                    "job_id": job.id,
+                    "status": job.status.value,
+                    "answer": job.answer,
+                    "sources": job.sources,
+                    "error": job.error,
+                    "usage": job.usage,
+                }
+
+    def take_pending(self, model_name: str, n: int) -> list[str]:
+        """Up to `n` pending items of `model_name`'s batches, round-robin; marked in flight until confirmed."""
+        return list(
+            self._take(
+                args=[keys.active_batches(model_name), keys.batch_pending("{id}"), keys.feed_inflight(model_name), n, time.time()]
+            )
+        )
+
+    def confirm_fed(self, model_name: str, job_ids: list[str]) -> None:
+        """The items are on the Celery queue now."""
+        if job_ids:
+            self.redis.hdel(keys.feed_inflight(model_name), *job_ids)
+
+    def stale_inflight(self, model_name: str, older_than_s: float) -> list[str]:
+        """Items taken for feeding but never confirmed (their feeder died): to be sent again."""
+        cutoff = time.time() - older_than_s
+        return [job_id for job_id, taken in self.redis.hgetall(keys.feed_inflight(model_name)).items() if float(taken) < cutoff]
+
+
+def counts_add_up(public: dict[str, Any]) -> bool:
+    """Whether a public batch object's counts sum to its total."""
+    counts = public["request_counts"]
+    return sum(counts[name] for name in COUNT_NAMES) == counts["total"]
+
+
+def encode_result(result: dict[str, Any]) -> bytes:
+    return json.dumps(result, ensure_ascii=False).encode() + b"\n"

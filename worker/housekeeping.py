@@ -1,0 +1,157 @@
+"""Background duties of a worker process: feed batch items, expire batches, deliver batch callbacks.
+
+Each runs on its own daemon thread and only talks to Redis and HTTP, never to the model, so none of it
+blocks a batch. Several workers may run them at once: every step is an atomic Redis operation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+import time
+
+import requests
+from celery import Celery
+
+from shared import keys
+from shared.batch_store import BatchStore
+from shared.broker import enqueue
+from shared.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+FEED_IDLE_S = 0.2
+SWEEP_EVERY_S = 1.0
+INFLIGHT_STALE_S = 60.0
+CALLBACK_TIMEOUT_S = 10.0
+CALLBACK_MAX_ATTEMPTS = 8
+CALLBACK_LEASE_S = 60.0
+SIGNATURE_HEADER = "X-Ragq-Signature"
+
+# Claims due callbacks: pushes each one's next due time out by the lease, so another worker does not
+# send it at the same time. ARGV: now, lease seconds, max count.
+_CLAIM_CALLBACKS_LUA = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id) end
+return due
+"""
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The `X-Ragq-Signature` value: `sha256=` and the hex HMAC-SHA256 of the body."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def retry_delay_s(attempts: int) -> float:
+    """Backoff after `attempts` failed deliveries: 2, 4, 8, ... seconds, at most 5 minutes."""
+    return float(min(300, 2**attempts))
+
+
+class Housekeeper:
+    """Feeds a model's batch queue from its active batches and keeps batches moving to their end."""
+
+    def __init__(self, batches: BatchStore, celery: Celery, model_name: str, feed_depth: int, callback_secret: str | None) -> None:
+        self.batches = batches
+        self.redis = batches.redis
+        self.celery = celery
+        self.model_name = model_name
+        self.feed_depth = feed_depth
+        self.callback_secret = callback_secret
+        self._stop = threading.Event()
+        self._claim_callbacks = self.redis.register_script(_CLAIM_CALLBACKS_LUA)
+        self._threads = [
+            threading.Thread(target=self._guarded, args=(self._feed_loop,), name="ragq-feeder", daemon=True),
+            threading.Thread(target=self._guarded, args=(self._callback_loop,), name="ragq-callbacks", daemon=True),
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _guarded(self, loop: object) -> None:
+        # Redis may be down for a while; the loops must outlive that.
+        while not self._stop.is_set():
+            try:
+                loop()  # type: ignore[operator]
+            except Exception:
+                log.exception("housekeeping error; retrying")
+                self._stop.wait(1.0)
+
+    def _feed_loop(self) -> None:
+        next_sweep = 0.0
+        while not self._stop.is_set():
+            fed = self.feed_once()
+            if time.monotonic() >= next_sweep:
+                self.batches.expire_due()
+                self.resend_stale()
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
+            if not fed:
+                self._stop.wait(FEED_IDLE_S)
+
+    def feed_once(self) -> int:
+        """Top the batch queue up to `feed_depth` messages, round-robin over active batches."""
+        room = self.feed_depth - int(self.redis.llen(keys.model_batch_queue(self.model_name)))
+        if room <= 0:
+            return 0
+        job_ids = self.batches.take_pending(self.model_name, room)
+        self._send(job_ids)
+        return len(job_ids)
+
+    def _send(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            enqueue(self.celery, job_id, self.model_name, batch_item=True)
+        self.batches.confirm_fed(self.model_name, job_ids)
+
+    def resend_stale(self) -> None:
+        """Items whose feeder died between taking and sending them: send again (a duplicate is harmless)."""
+        stale = self.batches.stale_inflight(self.model_name, INFLIGHT_STALE_S)
+        if stale:
+            log.warning("re-sending %d batch items a feeder took but never confirmed", len(stale))
+            self._send(stale)
+
+    def _callback_loop(self) -> None:
+        while not self._stop.is_set():
+            due = self._claim_callbacks(keys=[keys.callbacks()], args=[time.time(), CALLBACK_LEASE_S, 10])
+            for batch_id in due:
+                self.deliver(batch_id)
+            if not due:
+                self._stop.wait(0.5)
+
+    def deliver(self, batch_id: str) -> bool:
+        """POST the final batch object to its callback URL, signed; reschedule with backoff on failure."""
+        try:
+            batch, counts = self.batches.get(batch_id)
+        except NotFound:
+            self._forget_callback(batch_id)
+            return False
+        if batch.callback_url is None or self.callback_secret is None:
+            self._forget_callback(batch_id)
+            return False
+        body = json.dumps(batch.to_public(counts)).encode()
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.callback_secret, body)}
+        try:
+            response = requests.post(batch.callback_url, data=body, headers=headers, timeout=CALLBACK_TIMEOUT_S)
+            delivered = 200 <= response.status_code < 300
+            problem = f"HTTP {response.status_code}"
+        except requests.RequestException as exc:
+            delivered, problem = False, type(exc).__name__
+        if delivered:
+            self._forget_callback(batch_id)
+            return True
+        attempts = int(self.redis.hincrby(keys.callback_attempts(), batch_id, 1))
+        if attempts >= CALLBACK_MAX_ATTEMPTS:
+            log.error("giving up on the callback of batch %s after %d attempts (%s)", batch_id, attempts, problem)
+            self._forget_callback(batch_id)
+        else:
+            self.redis.zadd(keys.callbacks(), {batch_id: time.time() + retry_delay_s(attempts)})
+        return False
+
+    def _forget_callback(self, batch_id: str) -> None:
+        self.redis.zrem(keys.callbacks(), batch_id)
+        self.redis.hdel(keys.callback_attempts(), batch_id)
