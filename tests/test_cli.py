@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import queue
 import signal
@@ -98,6 +100,47 @@ def test_ask_with_invalid_request_exits_non_zero_with_the_error(serve: Serve) ->
     result = ragq("ask", "question", "--top-k", "50", "--url", serve.url)
     assert result.returncode == 2
     assert "HTTP 422" in result.stderr and "top_k" in result.stderr
+
+
+def test_batch_submit_waits_and_a_second_run_does_not_submit_twice(serve: Serve, tmp_path: Path) -> None:
+    path = tmp_path / "night.jsonl"
+    lines = [{"custom_id": f"c{i}", "question": q, "params": {"max_new_tokens": 4}} for i, q in enumerate(["How do I stop ragq?", "What is a batch?", "How do I scale?"])]
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    first = ragq("batch", "submit", str(path), "--wait", "--url", serve.url)
+    assert first.returncode == 0, first.stderr
+    batch_id = first.stdout.strip()
+    assert batch_id.startswith("batch_")
+    again = ragq("batch", "submit", str(path), "--url", serve.url)
+    assert again.returncode == 0 and again.stdout.strip() == batch_id
+    assert "already submitted" in again.stderr
+
+    status = ragq("batch", "status", batch_id, "--json", "--url", serve.url)
+    assert json.loads(status.stdout)["request_counts"]["succeeded"] == 3
+    out = tmp_path / "results.jsonl"
+    assert ragq("batch", "results", batch_id, "-o", str(out), "--url", serve.url).returncode == 0
+    assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == ["c0", "c1", "c2"]
+    listing = ragq("batch", "list", "--url", serve.url)
+    assert batch_id in listing.stdout
+    ended = ragq("batch", "cancel", batch_id, "--url", serve.url)
+    assert ended.returncode == 2 and "409" in ended.stderr
+
+
+def test_eval_reports_hit_rate_and_mrr(serve: Serve, tmp_path: Path) -> None:
+    from worker.corpus import load_documents
+
+    docs = load_documents(None, tmp_path)[:4]
+    path = tmp_path / "eval.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["question", "course", "document"])
+        for doc in docs:
+            writer.writerow([doc["question"], doc["course"], doc["id"]])
+    result = ragq("eval", str(path), "--json", "--url", serve.url, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    # The questions are the FAQ's own: each one's entry must be among its sources.
+    assert figures["n"] == 4 and figures["failed"] == 0
+    assert figures["hit_rate"] == 1.0 and 0.5 <= figures["mrr"] <= 1.0
 
 
 def test_sigterm_stops_every_process_serve_started(serve: Serve) -> None:

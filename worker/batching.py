@@ -52,6 +52,7 @@ class BatchInfo:
 
 
 _STOP = 1 << 30
+HANDOFF_GRACE_S = 0.01
 
 RunBatch = Callable[[Sequence[BatchItem]], Sequence[Any]]
 
@@ -59,14 +60,17 @@ RunBatch = Callable[[Sequence[BatchItem]], Sequence[Any]]
 class Batcher:
     """Collects items from many threads and runs them in batches on one thread."""
 
-    def __init__(self, run_batch: RunBatch, max_batch_size: int, batch_wait_ms: float) -> None:
+    def __init__(self, run_batch: RunBatch, max_batch_size: int, batch_wait_ms: float, handoff_ms: float = 0) -> None:
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
+        self.handoff_s = handoff_ms / 1000
         # Interactive jobs first, then in arrival order: a job from the API joins the next batch even
         # when batch items the worker already holds are waiting.
         self._queue: queue.PriorityQueue[tuple[int, int, BatchItem | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._unfinished = 0
         self._thread = threading.Thread(target=self._loop, name="ragq-batcher", daemon=True)
         self._thread.start()
 
@@ -81,9 +85,13 @@ class Batcher:
         self._thread.join(timeout=5)
 
     def _collect(self) -> list[BatchItem] | None:
-        first = self._queue.get()[2]
-        if first is None:
+        entry = self._queue.get()
+        if entry[2] is None:
             return None
+        if entry[0] == BACKLOG and self._interactive_arrives(entry):
+            entry = self._queue.get()
+        first = entry[2]
+        assert first is not None
         batch = [first]
         deadline = first.enqueued_at + self.batch_wait_s
         while len(batch) < self.max_batch_size:
@@ -92,11 +100,41 @@ class Batcher:
                 entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            if entry[2] is None:
+            # A batch holds one class: interactive jobs run without backlog items, so they take an
+            # idle worker's time, not a full batch's.
+            if entry[2] is None or entry[0] != first.priority:
                 self._queue.put(entry)
                 break
             batch.append(entry[2])
         return batch
+
+    def _interactive_arrives(self, backlog_entry: tuple[int, int, BatchItem | None]) -> bool:
+        """Before a backlog batch, give interactive jobs a moment to arrive; True (and the entry put back) if one did.
+
+        Interactive messages can only be fetched once the previous batch's threads are free again, which
+        happens just after that batch ends, when backlog items the worker already held are waiting here.
+        """
+        deadline = time.monotonic() + self.handoff_s
+        grace_until = None
+        while time.monotonic() < deadline:
+            with self._queue.mutex:
+                head = self._queue.queue[0] if self._queue.queue else None
+            if head is not None and head[0] == INTERACTIVE:
+                self._queue.put(backlog_entry)
+                return True
+            if self._unfinished == 0:
+                # Every task of the previous batch has stored its result and returned: the freed threads
+                # fetch their next messages (interactive ones first) within moments.
+                grace_until = grace_until or time.monotonic() + HANDOFF_GRACE_S
+                if time.monotonic() >= grace_until:
+                    return False
+            time.sleep(0.002)
+        return False
+
+    def task_done(self) -> None:
+        """A task of the last batch has stored its outcome (see `_interactive_arrives`)."""
+        with self._lock:
+            self._unfinished = max(0, self._unfinished - 1)
 
     def _loop(self) -> None:
         while True:
@@ -108,6 +146,8 @@ class Batcher:
             except BaseException as exc:  # the batcher thread must survive anything one batch does
                 log.exception("batch of %d failed", len(batch))
                 results = [exc] * len(batch)
+            with self._lock:
+                self._unfinished = len(batch)
             for item, result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     item.future.set_exception(result)

@@ -30,6 +30,9 @@ from worker.tiny import ensure_tiny_model
 log = logging.getLogger(__name__)
 
 FEED_BATCHES = 4
+# Pause before each backlog batch so interactive jobs fetched as the previous batch's threads free up can
+# go first; costs this much per backlog batch, nothing for interactive traffic.
+HANDOFF_MS = 50
 
 # (max_batch_size, batch_wait_ms, max_batch_tokens) when not configured.
 BATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 65_536)}
@@ -117,7 +120,7 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     hostname = hostname or socket.gethostname()
     limits = BatchLimits(BatchCap(caps.max_batch_size), caps.max_batch_tokens)
     resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits)
-    resident.batcher = Batcher(resident.run_batch, caps.max_batch_size, caps.batch_wait_ms)
+    resident.batcher = Batcher(resident.run_batch, caps.max_batch_size, caps.batch_wait_ms, HANDOFF_MS)
     # Keep a few batches' worth of backlog items on the queue: enough to fill batches, shallow enough that a
     # newly submitted batch starts within seconds.
     resident.housekeeper = Housekeeper(

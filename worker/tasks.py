@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -31,6 +32,16 @@ def run_job(resident: Resident, job_id: str, worker_name: str) -> JobStatus | No
     question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
     assert resident.batcher is not None
     future = resident.batcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
+    try:
+        return _await_and_store(resident, job_id, job.created_at, started_at, future)
+    finally:
+        # Only now is this task's thread about to be free for the next message.
+        resident.batcher.task_done()
+
+
+def _await_and_store(
+    resident: Resident, job_id: str, created_at: float, started_at: float, future: Future[Any]
+) -> JobStatus | None:
     limit_s = resident.settings.task_time_limit_s
     try:
         outcome = future.result(timeout=limit_s)
@@ -45,7 +56,7 @@ def run_job(resident: Resident, job_id: str, worker_name: str) -> JobStatus | No
         log.info("job %s was cancelled while it waited for its batch", job_id)
         return None
     result, batch = outcome
-    return _succeed(resident, job_id, job.created_at, started_at, result, batch)
+    return _succeed(resident, job_id, created_at, started_at, result, batch)
 
 
 def _succeed(

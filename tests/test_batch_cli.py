@@ -1,18 +1,13 @@
-"""The `ragq batch` and `ragq eval` client without ragq's server: pure parts, and the commands against a stub API."""
+"""The `ragq batch` and `ragq eval` client: its pure parts (the commands run against a real stack in test_cli.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import requests
 
 from shared import batch_cli
 from shared.batch_cli import (
@@ -32,7 +27,7 @@ from shared.batch_cli import (
     read_questions,
     retrieval_metrics,
 )
-from shared.cli import build_parser, main
+from shared.cli import build_parser
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -299,193 +294,3 @@ def test_retrieval_metrics_with_nothing_succeeded() -> None:
 def test_batch_commands_are_wired_into_ragq(argv: list[str], func: Any) -> None:
     args = build_parser().parse_args(argv)
     assert args.func is func and args.url == "http://127.0.0.1:8000"
-
-
-# --- the commands against a stub API -------------------------------------------------------------------------------
-
-
-class StubApi:
-    """A stand-in for the batch API: records requests, serves canned batches that progress one step per GET."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.keys: dict[str, dict[str, Any]] = {}
-        self.states: list[dict[str, Any]] = []
-        self.results: list[dict[str, Any]] = []
-        self.url = ""
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-                self.send_response(status)
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self) -> None:
-                url = urlsplit(self.path)
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                api.requests.append(
-                    {"path": url.path, "query": parse_qs(url.query), "headers": dict(self.headers), "body": body}
-                )
-                if url.path == "/v1/batches":
-                    key = self.headers["Idempotency-Key"]
-                    if key in api.keys:
-                        self.reply(200, json.dumps(api.keys[key]).encode(), {"Idempotent-Replayed": "true"})
-                        return
-                    api.keys[key] = api.states[0]
-                    self.reply(202, json.dumps(api.states[0]).encode())
-                elif url.path == "/v1/batches/batch_1/cancel":
-                    self.reply(409, json.dumps({"error": {"type": "conflict", "message": "batch has ended"}}).encode())
-
-            def do_GET(self) -> None:
-                url = urlsplit(self.path)
-                api.requests.append({"path": url.path, "query": parse_qs(url.query)})
-                if url.path == "/v1/batches/batch_1":
-                    state = api.states.pop(0) if len(api.states) > 1 else api.states[0]
-                    self.reply(200, json.dumps(state).encode())
-                elif url.path == "/v1/batches/batch_1/results":
-                    lines = b"".join(json.dumps(r).encode() + b"\n" for r in api.results)
-                    self.reply(200, lines, {"Content-Type": "application/x-ndjson"})
-                elif url.path == "/v1/batches":
-                    page = {"data": [api.states[-1]], "has_more": False}
-                    self.reply(200, json.dumps(page).encode())
-                else:
-                    self.reply(404, json.dumps({"error": {"type": "not_found", "message": "no such batch"}}).encode())
-
-        return Handler
-
-
-@pytest.fixture
-def stub_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[StubApi]:
-    monkeypatch.setattr(batch_cli, "POLL_INTERVAL_S", 0.01)
-    api = StubApi()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), api.handler())
-    api.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield api
-    server.shutdown()
-    server.server_close()
-
-
-def test_submit_twice_sends_the_same_key_and_says_already_submitted(
-    stub_api: StubApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "b.jsonl"
-    path.write_bytes(b'{"custom_id": "1", "question": "q"}\n')
-    stub_api.states = [make_batch(total=1, queued=1)]
-    argv = ["batch", "submit", str(path), "--model", "m", "--metadata", '{"b": 1}', "--url", stub_api.url]
-
-    assert main(argv) == 0
-    first = capsys.readouterr()
-    assert main(argv) == 0
-    second = capsys.readouterr()
-
-    assert first.out == second.out == "batch_1\n"
-    assert "already submitted" not in first.err and "already submitted" in second.err
-    posted = [r for r in stub_api.requests if r["path"] == "/v1/batches"]
-    assert posted[0]["headers"]["Idempotency-Key"] == posted[1]["headers"]["Idempotency-Key"]
-    assert posted[0]["headers"]["Content-Type"] == "application/x-ndjson"
-    assert posted[0]["query"] == {"model": ["m"], "metadata": ['{"b":1}']}
-    assert posted[0]["body"] == path.read_bytes()
-
-
-def test_submit_wait_follows_progress_and_fails_on_failed_items(
-    stub_api: StubApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "b.csv"
-    path.write_text("custom_id,question\n1,q\n2,q\n")
-    stub_api.states = [
-        make_batch(total=2, queued=2),
-        make_batch(total=2, running=1, succeeded=1),
-        make_batch("completed", total=2, succeeded=1, failed=1),
-    ]
-    assert main(["batch", "submit", str(path), "--wait", "--url", stub_api.url]) == 1
-    err = capsys.readouterr().err
-    assert "2/2" in err and "batch batch_1 completed: succeeded 1  failed 1" in err
-    assert stub_api.requests[0]["headers"]["Content-Type"] == "text/csv"
-
-
-def test_results_stream_bytes_unchanged_to_a_file(stub_api: StubApi, tmp_path: Path) -> None:
-    stub_api.states = [make_batch("completed")]
-    stub_api.results = [result("1", "succeeded", "a") | {"answer": "é"}, result("2", "failed")]
-    out = tmp_path / "out.jsonl"
-    assert main(["batch", "results", "batch_1", "-o", str(out), "--status", "failed", "--url", stub_api.url]) == 0
-    assert out.read_bytes() == b"".join(json.dumps(r).encode() + b"\n" for r in stub_api.results)
-    assert stub_api.requests[-1]["query"] == {"status": ["failed"]}
-
-
-def test_http_errors_print_the_error_body_and_exit_2(stub_api: StubApi, capsys: pytest.CaptureFixture[str]) -> None:
-    stub_api.states = [make_batch()]
-    assert main(["batch", "status", "nope", "--url", stub_api.url]) == 2
-    assert "HTTP 404: not_found: no such batch" in capsys.readouterr().err
-    assert main(["batch", "cancel", "batch_1", "--url", stub_api.url]) == 2
-    assert "HTTP 409: conflict" in capsys.readouterr().err
-
-
-def test_unreachable_api_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["batch", "list", "--url", "http://127.0.0.1:9"]) == 2
-    assert "cannot reach" in capsys.readouterr().err
-
-
-def test_status_and_list(stub_api: StubApi, capsys: pytest.CaptureFixture[str]) -> None:
-    stub_api.states = [make_batch(total=2, succeeded=1, queued=1)]
-    assert main(["batch", "status", "batch_1", "--json", "--url", stub_api.url]) == 0
-    assert json.loads(capsys.readouterr().out) == stub_api.states[0]
-    assert main(["batch", "list", "--limit", "3", "--url", stub_api.url]) == 0
-    assert capsys.readouterr().out.split()[:3] == ["batch_1", "in_progress", "1/2"]
-    assert stub_api.requests[-1]["query"] == {"limit": ["3"]}
-
-
-def test_eval_submits_the_csv_as_jsonl_and_reports_metrics(
-    stub_api: StubApi, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "q.csv"
-    path.write_text("question,course,document\nq1,c,a\nq2,c,b\n")
-    stub_api.states = [make_batch(total=2, queued=2), make_batch("completed", total=2, succeeded=2)]
-    stub_api.results = [result("1", "succeeded", "a"), result("2", "succeeded", "x", "b")]
-    assert main(["eval", str(path), "--model", "m", "--top-k", "2", "--json", "--url", stub_api.url]) == 0
-    expected = {"batch_id": "batch_1", "hit_rate": 1.0, "mrr": 0.75, "n": 2, "failed": 0}
-    assert json.loads(capsys.readouterr().out) == expected
-    submitted = stub_api.requests[0]
-    assert submitted["headers"]["Content-Type"] == "application/x-ndjson"
-    assert submitted["query"] == {"model": ["m"]}
-    assert submitted["body"] == build_eval_batch(read_questions(path), top_k=2)
-    assert submitted["headers"]["Idempotency-Key"] == idempotency_key(submitted["body"], {"model": "m"})
-
-
-def test_ctrl_c_while_waiting_exits_130_and_names_the_batch(
-    stub_api: StubApi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    def interrupted(*args: Any) -> dict[str, Any]:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(batch_cli, "wait_for_batch", interrupted)
-    path = tmp_path / "b.jsonl"
-    path.write_bytes(b'{"question": "q"}\n')
-    stub_api.states = [make_batch(total=1, queued=1)]
-    assert main(["batch", "submit", str(path), "--wait", "--url", stub_api.url]) == 130
-    assert "batch batch_1 keeps running" in capsys.readouterr().err
-
-
-def test_waiting_survives_a_brief_outage(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batch_cli, "POLL_INTERVAL_S", 0)
-    replies: list[Any] = [requests.ConnectionError("down"), make_batch("completed", total=1, succeeded=1)]
-
-    def get_batch(base_url: str, batch_id: str) -> dict[str, Any]:
-        reply = replies.pop(0)
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    monkeypatch.setattr(batch_cli, "get_batch", get_batch)
-    final = batch_cli.wait_for_batch("http://api", make_batch(total=1, queued=1), ProgressBar(FakeStream(tty=False)))
-    assert final["status"] == "completed" and replies == []
