@@ -9,7 +9,7 @@ from flask import Blueprint, Response, jsonify, request, stream_with_context, ur
 
 from api import idempotency, state
 from shared.batch_store import BatchStore, encode_result
-from shared.batches import Batch, batch_jobs, parse_batch
+from shared.batches import Batch, batch_items, parse_batch
 from shared.errors import ValidationFailed
 from shared.jobs import JobStatus
 
@@ -46,7 +46,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
         metadata=options.metadata,
         callback_url=options.callback_url,
     )
-    items = batch_jobs(parsed, batch)
+    items = batch_items(parsed)
     try:
         with idempotency.reserve("batch", batch.id, fingerprint, store.public):
             store.create(batch, items)

@@ -44,6 +44,30 @@ return taken
 """
 
 
+# KEYS[1] jobs list, KEYS[2] pending list; ARGV[1] job key template, ARGV[2] JSON of the fields every item
+# shares (already JSON-encoded), ARGV[3] JSON list of [id, question, course, top_k, params, custom_id].
+# Writes each item as Job.to_redis would (a test pins the round trip), in Redis, from one compact payload:
+# encoding 100,000 jobs field by field in Python was most of the time spent accepting a batch.
+_CREATE_ITEMS_LUA = """
+local common = cjson.decode(ARGV[2])
+local ids = {}
+for _, item in ipairs(cjson.decode(ARGV[3])) do
+  local id = item[1]
+  local job = (string.gsub(ARGV[1], '{id}', id))
+  redis.call('HSET', job, 'status', 'queued', 'id', cjson.encode(id), 'question', cjson.encode(item[2]),
+    'model', common.model, 'created_at', common.created_at, 'batch_id', common.batch_id,
+    'custom_id', cjson.encode(item[6]))
+  if item[3] ~= cjson.null then redis.call('HSET', job, 'course', cjson.encode(item[3])) end
+  if item[4] ~= 5 then redis.call('HSET', job, 'top_k', item[4]) end
+  if next(item[5]) ~= nil then redis.call('HSET', job, 'params', cjson.encode(item[5])) end
+  table.insert(ids, id)
+end
+redis.call('RPUSH', KEYS[1], unpack(ids))
+redis.call('RPUSH', KEYS[2], unpack(ids))
+return #ids
+"""
+
+
 class BatchStore:
     """All reads and writes of batches; job transitions go through `JobStore` so counts stay exact."""
 
@@ -51,21 +75,21 @@ class BatchStore:
         self.jobs = jobs
         self.redis: redis.Redis = jobs.redis
         self._take = self.redis.register_script(_TAKE_LUA)
+        self._create_items = self.redis.register_script(_CREATE_ITEMS_LUA)
 
-    def create(self, batch: Batch, items: list[Job]) -> None:
-        """Store the batch and its items; the batch becomes visible (and fed) only once everything is written."""
+    def create(self, batch: Batch, items: list[list[Any]]) -> None:
+        """Store the batch and its items (rows of `batches.batch_items`); the batch becomes visible (and fed)
+        only once everything is written."""
+        common = json.dumps({"model": json.dumps(batch.model), "created_at": json.dumps(batch.created_at), "batch_id": json.dumps(batch.id)})
+        job_key = keys.job("{id}")
         written: list[str] = []
         try:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
-                pipe = self.redis.pipeline(transaction=False)
-                for job in chunk:
-                    pipe.hset(keys.job(job.id), mapping=job.to_redis())
-                ids = [job.id for job in chunk]
-                pipe.rpush(keys.batch_jobs(batch.id), *ids)
-                pipe.rpush(keys.batch_pending(batch.id), *ids)
-                written += ids
-                pipe.execute()
+                written += [row[0] for row in chunk]
+                self._create_items(
+                    keys=[keys.batch_jobs(batch.id), keys.batch_pending(batch.id)], args=[job_key, common, json.dumps(chunk)]
+                )
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(keys.batch(batch.id), mapping=batch.to_redis())
             pipe.hset(keys.batch_counts(batch.id), mapping={name: 0 for name in COUNT_NAMES} | {"queued": len(items)})

@@ -181,11 +181,12 @@ class Job:
 
         Fields still at their defaults are left out: a backlog of 100,000 queued items stays small.
         """
-        defaults = _DEFAULTS
-        fields = {
-            k: json.dumps(v) for k, v in asdict(self).items() if k != "status" and (k in _REQUIRED or v != defaults.get(k))
-        }
-        fields["status"] = self.status.value
+        fields = {"status": self.status.value}
+        # Shallow, unlike dataclasses.asdict: this runs once per line of a 100,000-line batch.
+        for name, default in _DEFAULTS.items():
+            value = getattr(self, name)
+            if name != "status" and (name in _REQUIRED or value != default):
+                fields[name] = json.dumps(value)
         return fields
 
     @classmethod

@@ -17,7 +17,9 @@ import redis
 from flask.testing import FlaskClient
 
 from api import create_app
+from shared.batches import Batch
 from shared.config import Settings
+from shared.store import JobStore
 from shared.redis_server import free_port
 from tests.helpers import WorkerProcess
 
@@ -317,3 +319,18 @@ def test_listing_is_newest_first_and_paginated(client: FlaskClient) -> None:
     rest = client.get(f"/v1/batches?limit=2&after={ids[1]}").get_json()
     assert [b["id"] for b in rest["data"]] == [ids[0]] and rest["has_more"] is False
     assert client.get("/v1/batches?limit=0").status_code == 422
+
+
+def test_stored_batch_items_read_back_as_the_jobs_they_describe(store: JobStore, redis_client: redis.Redis) -> None:
+    from shared.batch_store import BatchStore
+    from shared.jobs import Job, JobStatus
+
+    batch = Batch.new("tiny-t5", 2, "1h", None, None)
+    rows = [["00000000-0000-4000-8000-00000000000a", 'Why "quotes" / slashes?', "ragq", 7, {"temperature": 0.7, "do_sample": True}, "x/1"],
+            ["00000000-0000-4000-8000-00000000000b", "plain", None, 5, {}, "2"]]
+    BatchStore(store).create(batch, rows)
+    first, second = store.get(rows[0][0]), store.get(rows[1][0])
+    assert first == Job(id=rows[0][0], status=JobStatus.QUEUED, question='Why "quotes" / slashes?', model="tiny-t5", course="ragq",
+                        top_k=7, params={"temperature": 0.7, "do_sample": True}, created_at=first.created_at, batch_id=batch.id, custom_id="x/1")
+    assert abs(first.created_at - batch.created_at) < 1e-3
+    assert second.course is None and second.top_k == 5 and second.params == {} and second.custom_id == "2"
