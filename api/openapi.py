@@ -35,13 +35,27 @@ def _job(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model="JobView")}}}}
 
 
+def _batch(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+
 def build_document() -> dict[str, Any]:
     """The OpenAPI document for this app's settings (bounds and served models included)."""
-    job_request = state.get().requests.job
-    _, schemas = models_json_schema([(job_request, "validation"), (JobView, "serialization")], ref_template=REF)
+    requests = state.get().requests
+    job_request = requests.job
+    _, schemas = models_json_schema(
+        [
+            (job_request, "validation"),
+            (requests.batch_line, "validation"),
+            (requests.batch_options, "validation"),
+            (JobView, "serialization"),
+        ],
+        ref_template=REF,
+    )
     components = schemas.get("$defs", {})
     components["Error"] = ERROR_SCHEMA
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+    batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
     not_found = _error("No such job")
     return {
         "openapi": "3.1.0",
@@ -92,6 +106,69 @@ def build_document() -> dict[str, Any]:
                         "503": _error("Redis unavailable"),
                     },
                 },
+            },
+            "/v1/batches": {
+                "post": {
+                    "summary": "Submit a batch: JSONL or CSV body with options as query parameters, or JSON",
+                    "parameters": [
+                        {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
+                        for name in ("model", "completion_window", "metadata", "params", "callback_url")
+                    ]
+                    + [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}],
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/x-ndjson": {"schema": {"$ref": REF.format(model=requests.batch_line.__name__)}},
+                            "text/csv": {"schema": {"type": "string"}},
+                            "application/json": {
+                                "schema": {
+                                    "allOf": [{"$ref": REF.format(model=requests.batch_options.__name__)}],
+                                    "properties": {
+                                        "requests": {"type": "array", "items": {"$ref": REF.format(model=requests.batch_line.__name__)}}
+                                    },
+                                    "required": ["requests"],
+                                }
+                            },
+                        },
+                    },
+                    "responses": {
+                        "200": _batch("The batch an earlier request with this Idempotency-Key created"),
+                        "202": _batch("Batch accepted"),
+                        "409": _error("Idempotency-Key reused for another request"),
+                        "413": _error("Too many lines or bytes"),
+                        "422": _error("Invalid lines (details name each) or options"),
+                        "503": _error("Redis unavailable"),
+                    },
+                },
+                "get": {
+                    "summary": "List batches, newest first",
+                    "parameters": [
+                        {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                        {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
+                    ],
+                    "responses": {"200": {"description": "A page of batches"}, "422": _error("Bad limit")},
+                },
+            },
+            "/v1/batches/{batch_id}": {
+                "get": {"summary": "Read a batch", "parameters": [batch_id], "responses": {"200": _batch("The batch"), "404": _error("No such batch")}}
+            },
+            "/v1/batches/{batch_id}/cancel": {
+                "post": {
+                    "summary": "Cancel a batch",
+                    "parameters": [batch_id],
+                    "responses": {"200": _batch("The batch"), "404": _error("No such batch"), "409": _error("Batch has ended")},
+                }
+            },
+            "/v1/batches/{batch_id}/results": {
+                "get": {
+                    "summary": "Results as JSONL in input order",
+                    "parameters": [batch_id, {"name": "status", "in": "query", "required": False, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": {"description": "JSONL", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
+                        "404": _error("No such batch"),
+                        "422": _error("Bad status"),
+                    },
+                }
             },
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {

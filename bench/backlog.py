@@ -172,9 +172,10 @@ def main() -> int:
         while batch(stack.url, backlog["id"])["request_counts"]["succeeded"] == 0:
             time.sleep(0.1)
         queued = batch(stack.url, backlog["id"])["request_counts"]["queued"]
-        latency_ms, _ = interactive_latency_ms(stack.url)
+        latency_ms, job = interactive_latency_ms(stack.url)
         figures["queued_when_interactive_submitted"] = queued
         figures["interactive_behind_backlog_ms"] = round(latency_ms, 1)
+        figures["interactive_behind_backlog_timings"] = job["timings"]
         # One batch's time: the generate call of a full backlog batch.
         done = requests.get(f"{stack.url}/v1/batches/{backlog['id']}/results", params={"status": "succeeded"}, timeout=60)
         item = json.loads(done.content.splitlines()[-1])

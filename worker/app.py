@@ -39,7 +39,9 @@ def create_app(settings: Settings) -> Celery:
 
     @app.task(name=ANSWER_TASK, bind=True)
     def answer(self: Any, job_id: str) -> str | None:
-        status = run_job(runtime.current(settings), job_id, self.request.hostname or "worker")
+        delivery = self.request.delivery_info or {}
+        interactive = delivery.get("routing_key") != keys.model_batch_queue(settings.worker_spec.name)
+        status = run_job(runtime.current(settings), job_id, self.request.hostname or "worker", interactive)
         return None if status is None else status.value
 
     def load_before_consuming(**_: Any) -> None:

@@ -52,7 +52,8 @@ class BatchInfo:
 
 
 _STOP = 1 << 30
-HANDOFF_GRACE_S = 0.01
+HANDOFF_GRACE_S = 0.005
+SETTLE_MAX_S = 1.0
 
 RunBatch = Callable[[Sequence[BatchItem]], Sequence[Any]]
 
@@ -60,7 +61,15 @@ RunBatch = Callable[[Sequence[BatchItem]], Sequence[Any]]
 class Batcher:
     """Collects items from many threads and runs them in batches on one thread."""
 
-    def __init__(self, run_batch: RunBatch, max_batch_size: int, batch_wait_ms: float, handoff_ms: float = 0) -> None:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        max_batch_size: int,
+        batch_wait_ms: float,
+        handoff_ms: float = 0,
+        interactive_waiting: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.interactive_waiting = interactive_waiting
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000
@@ -71,6 +80,7 @@ class Batcher:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._unfinished = 0
+        self._incoming = 0
         self._thread = threading.Thread(target=self._loop, name="ragq-batcher", daemon=True)
         self._thread.start()
 
@@ -78,6 +88,8 @@ class Batcher:
         """Queue `payload`; the future resolves to its result, an exception, or `SKIPPED`."""
         item = BatchItem(job_id, payload, priority)
         self._queue.put((priority, next(self._seq), item))
+        if priority == INTERACTIVE:
+            self.interactive_dropped()
         return item.future
 
     def stop(self) -> None:
@@ -109,27 +121,40 @@ class Batcher:
         return batch
 
     def _interactive_arrives(self, backlog_entry: tuple[int, int, BatchItem | None]) -> bool:
-        """Before a backlog batch, give interactive jobs a moment to arrive; True (and the entry put back) if one did.
+        """Before a backlog batch, let interactive jobs on their way go first; True (entry put back) if one came.
 
         Interactive messages can only be fetched once the previous batch's threads are free again, which
         happens just after that batch ends, when backlog items the worker already held are waiting here.
+        So: wait until the previous batch's tasks have returned, then, while an interactive job is still
+        on its way (on the queue in Redis, or in a task that has not reached the batcher yet), wait for it.
         """
-        deadline = time.monotonic() + self.handoff_s
-        grace_until = None
-        while time.monotonic() < deadline:
+        # The previous batch's tasks only store results and return: bounded, but slow on a busy machine.
+        settle_deadline = time.monotonic() + SETTLE_MAX_S
+        deadline: float | None = None
+        while True:
+            now = time.monotonic()
             with self._queue.mutex:
                 head = self._queue.queue[0] if self._queue.queue else None
             if head is not None and head[0] == INTERACTIVE:
                 self._queue.put(backlog_entry)
                 return True
-            if self._unfinished == 0:
-                # Every task of the previous batch has stored its result and returned: the freed threads
-                # fetch their next messages (interactive ones first) within moments.
-                grace_until = grace_until or time.monotonic() + HANDOFF_GRACE_S
-                if time.monotonic() >= grace_until:
+            if self._unfinished == 0 or now > settle_deadline:
+                if deadline is None:
+                    deadline = now + self.handoff_s
+                    settled_at = now
+                on_the_way = self._incoming > 0 or self.interactive_waiting()
+                if now > deadline or (not on_the_way and now - settled_at >= HANDOFF_GRACE_S):
                     return False
             time.sleep(0.002)
-        return False
+
+    def expect_interactive(self) -> None:
+        """An interactive job's task has started and will submit soon (or call `interactive_dropped`)."""
+        with self._lock:
+            self._incoming += 1
+
+    def interactive_dropped(self) -> None:
+        with self._lock:
+            self._incoming = max(0, self._incoming - 1)
 
     def task_done(self) -> None:
         """A task of the last batch has stored its outcome (see `_interactive_arrives`)."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared import keys
 from shared.batch_store import BatchStore
 from shared.broker import make_celery
 from shared.config import Settings
@@ -30,9 +31,8 @@ from worker.tiny import ensure_tiny_model
 log = logging.getLogger(__name__)
 
 FEED_BATCHES = 4
-# Pause before each backlog batch so interactive jobs fetched as the previous batch's threads free up can
-# go first; costs this much per backlog batch, nothing for interactive traffic.
-HANDOFF_MS = 50
+# Longest pause before a backlog batch while an interactive job is on its way (see Batcher).
+HANDOFF_MS = 100
 
 # (max_batch_size, batch_wait_ms, max_batch_tokens) when not configured.
 BATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 65_536)}
@@ -120,7 +120,14 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     hostname = hostname or socket.gethostname()
     limits = BatchLimits(BatchCap(caps.max_batch_size), caps.max_batch_tokens)
     resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits)
-    resident.batcher = Batcher(resident.run_batch, caps.max_batch_size, caps.batch_wait_ms, HANDOFF_MS)
+    interactive_queue = keys.model_queue(spec.name)
+    resident.batcher = Batcher(
+        resident.run_batch,
+        caps.max_batch_size,
+        caps.batch_wait_ms,
+        HANDOFF_MS,
+        interactive_waiting=lambda: bool(store.redis.llen(interactive_queue)),
+    )
     # Keep a few batches' worth of backlog items on the queue: enough to fill batches, shallow enough that a
     # newly submitted batch starts within seconds.
     resident.housekeeper = Housekeeper(

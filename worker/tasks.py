@@ -17,26 +17,36 @@ from worker.runtime import Resident
 log = logging.getLogger(__name__)
 
 
-def run_job(resident: Resident, job_id: str, worker_name: str) -> JobStatus | None:
+def run_job(resident: Resident, job_id: str, worker_name: str, interactive_message: bool = True) -> JobStatus | None:
     """Claim, answer and finish one job; returns the final status it wrote, or None when it skipped the job."""
     store = resident.store
+    batcher = resident.batcher
+    assert batcher is not None
     started_at = time.time()
-    claim = store.transition(job_id, JobStatus.RUNNING, started_at=started_at, worker=worker_name)
-    if not claim.applied:
-        # Cancelled before pick-up, already finished (a redelivered message), or expired.
-        log.info("skipping job %s: status is %s", job_id, claim.previous)
-        return None
-    job = store.get(job_id)
-    if job.model != resident.spec.name:
-        return _fail(resident, job_id, started_at, "wrong_model", f"job is for model {job.model!r}, worker serves {resident.spec.name!r}")
-    question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
-    assert resident.batcher is not None
-    future = resident.batcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
+    if interactive_message:
+        # The batcher holds the next backlog batch back while an interactive job is on its way to it.
+        batcher.expect_interactive()
+    job = None
+    try:
+        claim = store.transition(job_id, JobStatus.RUNNING, started_at=started_at, worker=worker_name)
+        if not claim.applied:
+            # Cancelled before pick-up, already finished (a redelivered message), or expired.
+            log.info("skipping job %s: status is %s", job_id, claim.previous)
+            return None
+        job = store.get(job_id)
+        if job.model != resident.spec.name:
+            message = f"job is for model {job.model!r}, worker serves {resident.spec.name!r}"
+            return _fail(resident, job_id, started_at, "wrong_model", message)
+        question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
+        future = batcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
+    finally:
+        if interactive_message and (job is None or job.batch_id is not None or job.model != resident.spec.name):
+            batcher.interactive_dropped()
     try:
         return _await_and_store(resident, job_id, job.created_at, started_at, future)
     finally:
         # Only now is this task's thread about to be free for the next message.
-        resident.batcher.task_done()
+        batcher.task_done()
 
 
 def _await_and_store(
