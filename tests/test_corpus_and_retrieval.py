@@ -73,6 +73,7 @@ def test_retrieval_equals_the_seed_minsearch_for_every_dev_question(shared_data:
     with (shared_data / "questions-dev.csv").open() as f:
         questions = list(csv.DictReader(f))
     assert len(questions) == 674
+    batched = retriever.search_many([(row["question"], row["course"], 5) for row in questions])
     hits = 0
     for row in questions:
         expected = seed.search(
@@ -81,6 +82,7 @@ def test_retrieval_equals_the_seed_minsearch_for_every_dev_question(shared_data:
         got = retriever.search(row["question"], row["course"], 5)
         expected_ids = [document_id(d["course"], d["question"], d["text"]) for d in expected]
         assert [d["id"] for d in got] == expected_ids
+        assert [d["id"] for d in batched.pop(0)] == expected_ids
         hits += row["document"] in expected_ids
     # The course's published figure for these settings.
     assert hits / len(questions) == pytest.approx(0.8813, abs=1e-4)
@@ -91,3 +93,10 @@ def test_course_filter_limits_results(shared_data: Path, tmp_path: Path) -> None
     results = retriever.search("How do I run docker?", "mlops-zoomcamp", 20)
     assert len(results) == 20
     assert {d["course"] for d in results} == {"mlops-zoomcamp"}
+
+
+def test_batched_search_handles_mixed_courses_sizes_and_no_course(shared_data: Path, tmp_path: Path) -> None:
+    retriever = Retriever(load_documents(str(shared_data / "documents.json"), tmp_path))
+    queries = [("How do I run docker?", None, 3), ("kafka consumer", "data-engineering-zoomcamp", 20), ("zzzz qqqq", "mlops-zoomcamp", 5)]
+    assert retriever.search_many(queries) == [retriever.search(*q) for q in queries]
+    assert retriever.search_many([]) == []

@@ -98,10 +98,10 @@ class BatchLimits:
     max_batch_tokens: int
 
 
-def prepare(question: Question, retriever: Retriever, generator: Generator, template: str) -> Prepared:
-    """Retrieve and build the prompt; raises `GenerationError` if even the bare question is too long."""
-    started = time.perf_counter()
-    documents = retriever.search(question.question, question.course, question.top_k)
+def prepare(
+    question: Question, documents: list[dict[str, Any]], retrieval_ms: float, generator: Generator, template: str
+) -> Prepared:
+    """Build the prompt from retrieved documents; raises `GenerationError` if even the bare question is too long."""
     params = generator.effective_params(question.params)
     budget = generator.prompt_budget(params)
     prompt = build_prompt(
@@ -110,7 +110,7 @@ def prepare(question: Question, retriever: Retriever, generator: Generator, temp
     prompt_tokens = generator.count_tokens(prompt.text)
     if prompt_tokens > budget:
         raise GenerationError(f"prompt is {prompt_tokens} tokens; this model takes at most {budget}")
-    return Prepared(documents, prompt, params, prompt_tokens, (time.perf_counter() - started) * 1000)
+    return Prepared(documents, prompt, params, prompt_tokens, retrieval_ms)
 
 
 def plan_calls(prepared: Sequence[Prepared], indices: Sequence[int], max_size: int, max_tokens: int) -> list[list[int]]:
@@ -171,9 +171,13 @@ def answer_batch(
     results: list[Answer | Exception | None] = [None] * len(questions)
     prepared: list[Prepared] = [None] * len(questions)  # type: ignore[list-item]
     ready: list[int] = []
+    started = time.perf_counter()
+    retrieved = retriever.search_many([(q.question, q.course, q.top_k) for q in questions])
+    # One pass for the batch; each question is charged its share.
+    retrieval_ms = (time.perf_counter() - started) * 1000 / max(1, len(questions))
     for i, question in enumerate(questions):
         try:
-            prepared[i] = prepare(question, retriever, generator, template)
+            prepared[i] = prepare(question, retrieved[i], retrieval_ms, generator, template)
             ready.append(i)
         except Exception as exc:
             results[i] = exc

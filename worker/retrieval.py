@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import minsearch
+import numpy as np
+from sklearn.metrics.pairwise import cosine_similarity
 
 TEXT_FIELDS = ["question", "text", "section"]
 KEYWORD_FIELDS = ["course"]
@@ -24,6 +26,30 @@ class Retriever:
         """The `top_k` best documents in rank order, filtered on `course` when given."""
         filter_dict = {"course": course} if course else {}
         return self.index.search(query=question, filter_dict=filter_dict, boost_dict=BOOST, num_results=top_k)
+
+    def search_many(self, queries: Sequence[tuple[str, str | None, int]]) -> list[list[dict[str, Any]]]:
+        """`search` for many (question, course, top_k) at once: one sparse product per field for all of them.
+
+        Follows minsearch's `Index.search` step by step on each row, so results equal it (a test compares
+        all 674 course questions); it is several times faster than one search per question.
+        """
+        if not queries or not self.documents:
+            return [[] for _ in queries]
+        texts = [question for question, _, _ in queries]
+        scores = np.zeros((len(queries), len(self.documents)))
+        for field in TEXT_FIELDS:
+            vectors = self.index.vectorizers[field].transform(texts)
+            scores += cosine_similarity(vectors, self.index.text_matrices[field]) * BOOST.get(field, 1)
+        masks: dict[str | None, Any] = {}
+        results = []
+        for row, (_, course, top_k) in zip(scores, queries, strict=True):
+            if course not in masks:
+                masks[course] = self.index._filter.apply({"course": course} if course else {})
+            row = row * masks[course]
+            non_zero = np.where(row > 0)[0]
+            ranked = non_zero[np.argsort(-row[non_zero])][: min(top_k, len(non_zero))]
+            results.append([self.documents[i] for i in ranked])
+        return results
 
 
 def source_view(doc: dict[str, Any], in_prompt: bool) -> dict[str, Any]:
