@@ -85,6 +85,9 @@ class Settings:
         lo=16,
         hi=100_000_000,
     )
+    max_attempts: int = _setting(
+        "RAGQ_MAX_ATTEMPTS", 3, "Runs a job gets when its worker dies under it; then it fails (a poison job).", lo=1, hi=100
+    )
     max_batch_lines: int = _setting(
         "RAGQ_MAX_BATCH_LINES", 100_000, "Lines (requests) in one batch at most.", lo=1, hi=10_000_000
     )

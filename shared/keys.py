@@ -88,3 +88,18 @@ def batch_deadlines() -> str:
 def callback_attempts() -> str:
     """Hash: batch id -> failed callback deliveries so far."""
     return f"{PREFIX}:callbacks:attempts"
+
+
+def worker_alive(worker: str) -> str:
+    """Heartbeat of one worker process; expires a few seconds after the process stops refreshing it."""
+    return f"{PREFIX}:worker:{worker}:alive"
+
+
+def worker_jobs(worker: str) -> str:
+    """Set of the jobs one worker process is running (kept by the transition script)."""
+    return f"{PREFIX}:worker:{worker}:jobs"
+
+
+def workers_with_jobs() -> str:
+    """Set of worker names that have a `worker_jobs` set: where the reaper looks for dead workers' jobs."""
+    return f"{PREFIX}:workers:with-jobs"

@@ -27,6 +27,8 @@ TEMPLATES = json.dumps(
         "events": keys.batch_events("{id}"),
         "callbacks": keys.callbacks(),
         "deadlines": keys.batch_deadlines(),
+        "worker_jobs": keys.worker_jobs("{id}"),
+        "with_jobs": keys.workers_with_jobs(),
     }
 )
 
@@ -64,8 +66,22 @@ local function transition(job_key, target, allowed, fields)
   if not current then return {0, ''} end
   if not allowed[current] then return {0, current} end
   redis.call('HSET', job_key, 'status', target)
+  local raw_id = redis.call('HGET', job_key, 'id')
+  local id = raw_id and cjson.decode(raw_id) or job_key
+  -- Track which worker runs the job, so the jobs of a worker that died can be found and run again.
+  local previous_worker = cjson.decode(redis.call('HGET', job_key, 'worker') or 'null')
+  if current == 'running' and previous_worker ~= cjson.null then
+    redis.call('SREM', key('worker_jobs', previous_worker), id)
+  end
   for i = 1, #fields, 2 do redis.call('HSET', job_key, fields[i], fields[i + 1]) end
-  if target == 'running' then redis.call('HINCRBY', job_key, 'attempts', 1) end
+  if target == 'running' then
+    redis.call('HINCRBY', job_key, 'attempts', 1)
+    local worker = cjson.decode(redis.call('HGET', job_key, 'worker') or 'null')
+    if worker ~= cjson.null then
+      redis.call('SADD', key('worker_jobs', worker), id)
+      redis.call('SADD', T['with_jobs'], worker)
+    end
+  end
   if FINAL[target] then redis.call('EXPIRE', job_key, RESULT_TTL) end
   redis.call('PUBLISH', job_key .. ':events', target)
   local batch = redis.call('HGET', job_key, 'batch_id')

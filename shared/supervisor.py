@@ -23,6 +23,9 @@ from shared.store import ready_workers
 
 STOP_GRACE_S = 30
 READY_POLL_S = 0.2
+# A child that dies this often within the window is not started again: something is wrong beyond one crash.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60
 
 
 class Supervisor:
@@ -34,6 +37,7 @@ class Supervisor:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis: EmbeddedRedis | None = None
         self.stop_requested = False
+        self.restarts: dict[str, list[float]] = {}
 
     def run(self) -> int:
         """Serve until a signal or a child's death; always stop every child before returning."""
@@ -66,12 +70,27 @@ class Supervisor:
             flush=True,
         )
         while not self.stop_requested:
-            dead = self._dead_child()
-            if dead:
-                print(f"ragq: {dead} exited unexpectedly; stopping", file=sys.stderr, flush=True)
+            if not self._restart_dead_children(env):
                 return 1
             time.sleep(READY_POLL_S)
         return 0
+
+    def _restart_dead_children(self, env: dict[str, str]) -> bool:
+        """Start again any child that died (a killed worker's jobs are re-run by the others); False to give up."""
+        for index, (name, process) in enumerate(self.children):
+            if process.poll() is None:
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW_S]
+            if process.returncode == 2 or len(recent) >= MAX_RESTARTS:
+                # Exit code 2 is a configuration or model error: starting again would fail the same way.
+                print(f"ragq: {name} exited with code {process.returncode}; stopping", file=sys.stderr, flush=True)
+                return False
+            print(f"ragq: {name} exited with code {process.returncode}; starting it again", file=sys.stderr, flush=True)
+            _signal_group(process, signal.SIGKILL)
+            self.restarts[name] = [*recent, now]
+            self.children[index] = (name, self._start(["worker"] if name.startswith("worker") else ["api"], env))
+        return True
 
     def _child_env(self) -> dict[str, str] | None:
         from worker.runtime import check_model
@@ -103,10 +122,11 @@ class Supervisor:
         return env
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *command], env=env, start_new_session=True
-        )
-        self.children.append((name, process))
+        self.children.append((name, self._start(command, env)))
+
+    @staticmethod
+    def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "shared.cli", *command], env=env, start_new_session=True)
 
     def _dead_child(self) -> str | None:
         for name, process in self.children:

@@ -56,7 +56,12 @@ def settings(redis_server: EmbeddedRedis, tiny_models: dict[str, Path], tmp_path
     return Settings(
         redis_url=redis_server.url,
         default_model=ModelSpec("tiny-t5", str(tiny_models["t5"])),
-        extra_models=(ModelSpec("tiny-phi3", str(tiny_models["phi3"])), ModelSpec("unserved", "nowhere/none")),
+        extra_models=(
+            ModelSpec("tiny-phi3", str(tiny_models["phi3"])),
+            ModelSpec("unserved", "nowhere/none"),
+            # Served only by workers a test starts and kills itself.
+            ModelSpec("tiny-t5-chaos", str(tiny_models["t5"])),
+        ),
         data_dir=tmp_path_factory.mktemp("data"),
         task_time_limit_s=60,
         visibility_timeout_s=120,

@@ -143,6 +143,17 @@ def test_eval_reports_hit_rate_and_mrr(serve: Serve, tmp_path: Path) -> None:
     assert figures["hit_rate"] == 1.0 and 0.5 <= figures["mrr"] <= 1.0
 
 
+def test_serve_restarts_a_killed_worker(serve: Serve) -> None:
+    [worker] = [
+        pid for pid in descendants(serve.process.pid) if b"shared.cli worker" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    ]
+    os.killpg(worker, signal.SIGKILL)
+    serve.wait_for("starting it again", 30)
+    result = ragq("ask", "Is the worker back?", "--url", serve.url, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert serve.process.poll() is None
+
+
 def test_sigterm_stops_every_process_serve_started(serve: Serve) -> None:
     tree = descendants(serve.process.pid)
     commands = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") for pid in tree]

@@ -39,3 +39,9 @@ def test_batch_queue_format() -> None:
 def test_job_events_channel_extends_the_job_key() -> None:
     # The transition script publishes on `<job key>:events` without calling back into Python.
     assert keys.job_events("abc") == keys.job("abc") + ":events"
+
+
+def test_worker_key_formats() -> None:
+    assert keys.worker_alive("w@h") == "ragq:worker:w@h:alive"
+    assert keys.worker_jobs("w@h") == "ragq:worker:w@h:jobs"
+    assert keys.workers_with_jobs() == "ragq:workers:with-jobs"

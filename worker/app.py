@@ -44,13 +44,21 @@ def create_app(settings: Settings) -> Celery:
         status = run_job(runtime.current(settings), job_id, self.request.hostname or "worker", interactive)
         return None if status is None else status.value
 
-    def load_before_consuming(**_: Any) -> None:
+    def load_before_consuming(sender: Any = None, **_: Any) -> None:
         # In the worker's own process before it consumes; the thread pool never forks.
         try:
-            runtime.start(settings)
+            # The node name jobs record as their `worker`: the heartbeat must carry the same one.
+            runtime.start(settings, hostname=getattr(sender, "hostname", None))
         except RagqError as exc:
             log.error("ragq worker: %s", exc.message)
             os._exit(2)
 
+    def note_received(request: Any = None, **_: Any) -> None:
+        # A message this worker reserved but has not claimed yet is lost with the worker until the
+        # visibility timeout; recording it lets the reaper send it again at once if the worker dies.
+        if request is not None and request.args:
+            runtime.note_reserved(settings, request.hostname, request.args[0])
+
     signals.worker_init.connect(load_before_consuming, weak=False)
+    signals.task_received.connect(note_received, weak=False)
     return app

@@ -20,6 +20,7 @@ from shared import keys
 from shared.batch_store import BatchStore
 from shared.broker import enqueue
 from shared.errors import NotFound
+from shared.jobs import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,20 @@ return due
 """
 
 
+HEARTBEAT_TTL_S = 10
+HEARTBEAT_EVERY_S = 2.0
+
+# Takes over the job set of a worker whose heartbeat has expired. KEYS: alive key, job set, index;
+# ARGV[1] worker name. Returns the job ids, or nothing while the worker is alive or another reaper was first.
+_CLAIM_DEAD_WORKER_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {} end
+local jobs = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return jobs
+"""
+
+
 def sign(secret: str, body: bytes) -> str:
     """The `X-Ragq-Signature` value: `sha256=` and the hex HMAC-SHA256 of the body."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
@@ -53,7 +68,18 @@ def retry_delay_s(attempts: int) -> float:
 class Housekeeper:
     """Feeds a model's batch queue from its active batches and keeps batches moving to their end."""
 
-    def __init__(self, batches: BatchStore, celery: Celery, model_name: str, feed_depth: int, callback_secret: str | None) -> None:
+    def __init__(
+        self,
+        batches: BatchStore,
+        celery: Celery,
+        model_name: str,
+        feed_depth: int,
+        callback_secret: str | None,
+        worker_name: str,
+        max_attempts: int,
+    ) -> None:
+        self.worker_name = worker_name
+        self.max_attempts = max_attempts
         self.batches = batches
         self.redis = batches.redis
         self.celery = celery
@@ -62,6 +88,7 @@ class Housekeeper:
         self.callback_secret = callback_secret
         self._stop = threading.Event()
         self._claim_callbacks = self.redis.register_script(_CLAIM_CALLBACKS_LUA)
+        self._claim_dead_worker = self.redis.register_script(_CLAIM_DEAD_WORKER_LUA)
         self._threads = [
             threading.Thread(target=self._guarded, args=(self._feed_loop,), name="ragq-feeder", daemon=True),
             threading.Thread(target=self._guarded, args=(self._callback_loop,), name="ragq-callbacks", daemon=True),
@@ -83,13 +110,21 @@ class Housekeeper:
                 log.exception("housekeeping error; retrying")
                 self._stop.wait(1.0)
 
+    def heartbeat(self) -> None:
+        """Say this worker process is alive; its running jobs are reclaimed once this stops."""
+        self.redis.set(keys.worker_alive(self.worker_name), "1", ex=HEARTBEAT_TTL_S)
+
     def _feed_loop(self) -> None:
-        next_sweep = 0.0
+        next_sweep = next_heartbeat = 0.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_heartbeat:
+                self.heartbeat()
+                next_heartbeat = time.monotonic() + HEARTBEAT_EVERY_S
             fed = self.feed_once()
             if time.monotonic() >= next_sweep:
                 self.batches.expire_due()
                 self.resend_stale()
+                self.reap_dead_workers()
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
             if not fed:
                 self._stop.wait(FEED_IDLE_S)
@@ -114,6 +149,42 @@ class Housekeeper:
         if stale:
             log.warning("re-sending %d batch items a feeder took but never confirmed", len(stale))
             self._send(stale)
+
+    def reap_dead_workers(self) -> list[str]:
+        """Run again the jobs of worker processes that died (no heartbeat): the ones they were running and the
+        ones whose messages they had reserved; fail those that used all their attempts.
+
+        Celery would redeliver their messages too, but only after the visibility timeout (an hour by
+        default); a job whose result is already stored by then is skipped.
+        """
+        requeued = []
+        for worker in self.redis.smembers(keys.workers_with_jobs()):
+            if worker == self.worker_name:
+                continue
+            job_ids = self._claim_dead_worker(
+                keys=[keys.worker_alive(worker), keys.worker_jobs(worker), keys.workers_with_jobs()], args=[worker]
+            )
+            for job_id in job_ids:
+                try:
+                    job = self.batches.jobs.get(job_id)
+                except NotFound:
+                    continue
+                held = job.status is JobStatus.QUEUED or (job.status is JobStatus.RUNNING and job.worker == worker)
+                if not held:
+                    continue
+                if job.attempts >= self.max_attempts:
+                    self.batches.jobs.transition(
+                        job_id,
+                        JobStatus.FAILED,
+                        finished_at=time.time(),
+                        error={"type": "worker_lost", "message": f"the worker running this job died {job.attempts} times; not retried"},
+                    )
+                    continue
+                enqueue(self.celery, job_id, job.model, batch_item=job.batch_id is not None)
+                requeued.append(job_id)
+            if job_ids:
+                log.warning("worker %s stopped answering; re-queued %d of its jobs", worker, len(requeued))
+        return requeued
 
     def _callback_loop(self) -> None:
         while not self._stop.is_set():

@@ -131,14 +131,30 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     # Keep a few batches' worth of backlog items on the queue: enough to fill batches, shallow enough that a
     # newly submitted batch starts within seconds.
     resident.housekeeper = Housekeeper(
-        BatchStore(store), make_celery(settings), spec.name, FEED_BATCHES * caps.max_batch_size, settings.callback_secret
+        BatchStore(store),
+        make_celery(settings),
+        spec.name,
+        FEED_BATCHES * caps.max_batch_size,
+        settings.callback_secret,
+        worker_name=hostname,
+        max_attempts=settings.max_attempts,
     )
+    resident.housekeeper.heartbeat()
     resident.housekeeper.start()
     _resident = resident
     # `ragq serve` and the tests wait for this before sending work.
     announce_worker(store.redis, f"{hostname}:{os.getpid()}", spec.name)
     log.info("ragq worker ready: model %s, %d documents, batches of up to %d", spec.name, len(documents), caps.max_batch_size)
     return resident
+
+
+def note_reserved(settings: Settings, worker: str, job_id: str) -> None:
+    """Record that `worker` holds the message of `job_id` (see `Housekeeper.reap_dead_workers`)."""
+    client = current(settings).store.redis
+    pipe = client.pipeline(transaction=False)
+    pipe.sadd(keys.worker_jobs(worker), job_id)
+    pipe.sadd(keys.workers_with_jobs(), worker)
+    pipe.execute()
 
 
 def check_model(spec: ModelSpec) -> str | None:

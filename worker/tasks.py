@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from shared import keys
 from shared.jobs import JobStatus
 from worker import pipeline
 from worker.batching import BACKLOG, INTERACTIVE, BatchInfo, Skipped
@@ -27,20 +28,28 @@ def run_job(resident: Resident, job_id: str, worker_name: str, interactive_messa
         # The batcher holds the next backlog batch back while an interactive job is on its way to it.
         batcher.expect_interactive()
     job = None
+    handed_over = False
     try:
         claim = store.transition(job_id, JobStatus.RUNNING, started_at=started_at, worker=worker_name)
         if not claim.applied:
             # Cancelled before pick-up, already finished (a redelivered message), or expired.
             log.info("skipping job %s: status is %s", job_id, claim.previous)
+            store.redis.srem(keys.worker_jobs(worker_name), job_id)
             return None
         job = store.get(job_id)
+        if job.attempts > resident.settings.max_attempts:
+            # Delivered again after its worker died each time: it may be what kills them.
+            message = f"the worker running this job died {job.attempts - 1} times; not retried"
+            return _fail(resident, job_id, started_at, "worker_lost", message)
         if job.model != resident.spec.name:
             message = f"job is for model {job.model!r}, worker serves {resident.spec.name!r}"
             return _fail(resident, job_id, started_at, "wrong_model", message)
         question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
-        future = batcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
+        priority = BACKLOG if job.batch_id else INTERACTIVE
+        future = batcher.submit(job_id, question, priority)
+        handed_over = priority == INTERACTIVE
     finally:
-        if interactive_message and (job is None or job.batch_id is not None or job.model != resident.spec.name):
+        if interactive_message and not handed_over:
             batcher.interactive_dropped()
     try:
         return _await_and_store(resident, job_id, job.created_at, started_at, future)

@@ -1,0 +1,133 @@
+"""Faults: a worker killed mid-batch loses nothing, a poison job ends failed, pickle messages never run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask.testing import FlaskClient
+from kombu import Connection, Exchange, Queue
+
+from shared import keys
+from shared.batch_store import BatchStore
+from shared.broker import make_celery
+from shared.config import Settings
+from shared.jobs import Job, JobStatus
+from shared.store import JobStore
+from tests.helpers import WorkerProcess, start_worker
+from worker.housekeeping import Housekeeper
+
+SLOW = {"max_new_tokens": 300, "min_new_tokens": 300, "num_beams": 4}
+
+
+def housekeeper(store: JobStore, settings: Settings, name: str = "reaper@test") -> Housekeeper:
+    return Housekeeper(BatchStore(store), make_celery(settings), "unserved", 8, None, worker_name=name, max_attempts=3)
+
+
+def running_job(store: JobStore, job_id: str, worker: str, attempts: int) -> None:
+    store.create(Job(id=job_id, status=JobStatus.QUEUED, question="q", model="unserved", created_at=time.time()))
+    for _ in range(attempts):
+        assert store.transition(job_id, JobStatus.RUNNING, worker=worker).applied
+
+
+def test_transitions_track_the_jobs_each_worker_runs(store: JobStore) -> None:
+    running_job(store, "j1", "w1@h", 1)
+    assert store.redis.smembers(keys.worker_jobs("w1@h")) == {"j1"}
+    store.transition("j1", JobStatus.RUNNING, worker="w2@h")
+    assert store.redis.smembers(keys.worker_jobs("w1@h")) == set()
+    assert store.redis.smembers(keys.worker_jobs("w2@h")) == {"j1"}
+    store.transition("j1", JobStatus.SUCCEEDED)
+    assert store.redis.smembers(keys.worker_jobs("w2@h")) == set()
+
+
+def test_reaper_requeues_a_dead_workers_jobs_and_fails_exhausted_ones(
+    store: JobStore, settings: Settings, redis_client: redis.Redis
+) -> None:
+    running_job(store, "fresh", "dead@h", 1)
+    running_job(store, "poison", "dead@h", 3)
+    running_job(store, "other", "alive@h", 1)
+    # Reserved by the dead worker, never claimed.
+    store.create(Job(id="reserved", status=JobStatus.QUEUED, question="q", model="unserved", created_at=time.time()))
+    redis_client.sadd(keys.worker_jobs("dead@h"), "reserved")
+    redis_client.set(keys.worker_alive("alive@h"), "1", ex=10)
+    requeued = housekeeper(store, settings).reap_dead_workers()
+    assert sorted(requeued) == ["fresh", "reserved"]
+    assert redis_client.llen(keys.model_queue("unserved")) == 2
+    assert store.get("fresh").status is JobStatus.RUNNING
+    poison = store.get("poison")
+    assert poison.status is JobStatus.FAILED
+    assert poison.error == {"type": "worker_lost", "message": "the worker running this job died 3 times; not retried"}
+    assert store.get("other").status is JobStatus.RUNNING
+    assert redis_client.smembers(keys.workers_with_jobs()) == {"alive@h"}
+    # A second reaper finds nothing left to do.
+    assert housekeeper(store, settings, "other-reaper@test").reap_dead_workers() == []
+
+
+def kill_group(worker: WorkerProcess) -> None:
+    os.killpg(worker.process.pid, signal.SIGKILL)
+    worker.process.wait()
+
+
+def test_jobs_of_a_worker_killed_mid_batch_are_completed_by_another(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    first = start_worker(settings, "tiny-t5-chaos", redis_client)
+    try:
+        jobs = [
+            client.post("/v1/jobs", json={"question": f"How do I scale? {i}", "model": "tiny-t5-chaos", "params": SLOW}).get_json()
+            for i in range(4)
+        ]
+        deadline = time.monotonic() + 30
+        while not any(client.get(f"/v1/jobs/{j['id']}").get_json()["status"] == "running" for j in jobs):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        kill_group(first)
+    finally:
+        first.stop()
+    second = start_worker(settings, "tiny-t5-chaos", redis_client)
+    try:
+        done = [client.get(f"/v1/jobs/{j['id']}?wait=60").get_json() for j in jobs]
+        assert [j["status"] for j in done] == ["succeeded"] * 4, done
+        assert max(j["attempts"] for j in done) >= 2
+        assert {j["worker"] for j in done} == {done[0]["worker"]}
+    finally:
+        second.stop()
+
+
+class Touch:
+    """Unpickling this creates a file: proof that a pickle payload was (or was not) deserialised."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+def test_pickle_message_is_refused_and_nothing_of_it_runs(
+    client: FlaskClient, t5_worker: WorkerProcess, settings: Settings, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    queue_name = keys.model_queue("tiny-t5")
+    exchange = Exchange(queue_name, type="direct")
+    with Connection(settings.redis_url) as connection:
+        producer = connection.Producer()
+        producer.publish(
+            pickle.dumps(((Touch(marker),), {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})),
+            exchange=exchange,
+            routing_key=queue_name,
+            declare=[Queue(queue_name, exchange, routing_key=queue_name)],
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"lang": "py", "task": "ragq.answer", "id": "pickled-1", "argsrepr": "()", "kwargsrepr": "{}"},
+        )
+    sentinel = client.post("/v1/jobs", json={"question": "still alive?", "params": {"max_new_tokens": 2}}).get_json()
+    assert client.get(f"/v1/jobs/{sentinel['id']}?wait=60").get_json()["status"] == "succeeded"
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert "untrusted content" in t5_worker.log() or "ContentDisallowed" in t5_worker.log()
