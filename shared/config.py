@@ -88,6 +88,9 @@ class Settings:
     max_attempts: int = _setting(
         "RAGQ_MAX_ATTEMPTS", 3, "Runs a job gets when its worker dies under it; then it fails (a poison job).", lo=1, hi=100
     )
+    execution_ledger: Path | None = _setting(
+        "RAGQ_EXECUTION_LEDGER", None, "File where workers append one JSON line per job run and per stored result."
+    )
     max_batch_lines: int = _setting(
         "RAGQ_MAX_BATCH_LINES", 100_000, "Lines (requests) in one batch at most.", lo=1, hi=10_000_000
     )
@@ -202,6 +205,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "default_model": parse_model_spec,
     "extra_models": parse_model_list,
     "data_dir": Path,
+    "execution_ledger": Path,
 }
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},

@@ -60,11 +60,13 @@ class EmbeddedRedis:
                 self.process.wait()
 
 
-def start_redis(data_dir: Path, *, port: int | None = None, appendonly: bool = True, timeout_s: float = 20) -> EmbeddedRedis:
-    """Start redis-server bound to 127.0.0.1 with a fresh password; return once it answers PING."""
+def start_redis(
+    data_dir: Path, *, port: int | None = None, password: str | None = None, appendonly: bool = True, timeout_s: float = 20
+) -> EmbeddedRedis:
+    """Start redis-server bound to 127.0.0.1 (with a fresh password unless given); return once it answers PING."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    password = secrets.token_urlsafe(24)
+    password = password or secrets.token_urlsafe(24)
     args = [
         find_redis_server(),
         "--bind", "127.0.0.1",

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shared import keys
@@ -23,6 +23,7 @@ from shared.store import JobStore, announce_worker, connect
 from worker.batching import SKIPPED, BatchInfo, BatchItem, Batcher
 from worker.corpus import load_documents
 from worker.housekeeping import Housekeeper
+from worker.ledger import Ledger
 from worker.generation import Generator, load_generator, resolve_device
 from worker.pipeline import BatchCap, BatchLimits, answer_batch
 from worker.retrieval import Retriever
@@ -74,6 +75,7 @@ class Resident:
     limits: BatchLimits
     batcher: Batcher | None = None
     housekeeper: Housekeeper | None = None
+    ledger: Ledger = field(default_factory=lambda: Ledger(None))
 
     def run_batch(self, items: Sequence[BatchItem]) -> list[Any]:
         """Answer a batch: skip jobs cancelled while they waited, then one pipeline pass for the rest."""
@@ -119,7 +121,7 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     store = JobStore(connect(settings.effective_redis_url, threads=caps.thread_pool_size), settings.result_ttl_s)
     hostname = hostname or socket.gethostname()
     limits = BatchLimits(BatchCap(caps.max_batch_size), caps.max_batch_tokens)
-    resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits)
+    resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits, ledger=Ledger(settings.execution_ledger))
     interactive_queue = keys.model_queue(spec.name)
     resident.batcher = Batcher(
         resident.run_batch,

@@ -6,7 +6,10 @@ import logging
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis
 
 from shared import keys
 from shared.jobs import JobStatus
@@ -16,6 +19,9 @@ from worker.generation import GenerationError
 from worker.runtime import Resident
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STORE_RETRY_S = 120
 
 
 def run_job(resident: Resident, job_id: str, worker_name: str, interactive_message: bool = True) -> JobStatus | None:
@@ -37,6 +43,7 @@ def run_job(resident: Resident, job_id: str, worker_name: str, interactive_messa
             store.redis.srem(keys.worker_jobs(worker_name), job_id)
             return None
         job = store.get(job_id)
+        resident.ledger.record("run", job_id, worker_name)
         if job.attempts > resident.settings.max_attempts:
             # Delivered again after its worker died each time: it may be what kills them.
             message = f"the worker running this job died {job.attempts - 1} times; not retried"
@@ -89,7 +96,7 @@ def _succeed(
         batch_wait_ms=round(batch.wait_ms, 3),
         batch_size=batch.size,
     )
-    outcome = resident.store.transition(
+    outcome = _retrying(lambda: resident.store.transition(
         job_id,
         JobStatus.SUCCEEDED,
         answer=result.text,
@@ -98,25 +105,46 @@ def _succeed(
         served_by=resident.generator.label,
         timings=timings,
         usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
-    )
+    ))
     if not outcome.applied:
         log.info("result of job %s discarded: status became %s meanwhile", job_id, outcome.previous)
         return None
+    resident.ledger.record("result", job_id, resident.hostname, status="succeeded")
     return JobStatus.SUCCEEDED
 
 
 def _fail(resident: Resident, job_id: str, started_at: float, error_type: str, message: str) -> JobStatus | None:
-    job = resident.store.get(job_id)
+    job = _retrying(lambda: resident.store.get(job_id))
     finished_at = time.time()
-    outcome = resident.store.transition(
+    outcome = _retrying(lambda: resident.store.transition(
         job_id,
         JobStatus.FAILED,
         error={"type": error_type, "message": message},
         finished_at=finished_at,
         served_by=resident.generator.label,
         timings=_timings(job.created_at, started_at, finished_at),
-    )
-    return JobStatus.FAILED if outcome.applied else None
+    ))
+    if not outcome.applied:
+        return None
+    resident.ledger.record("result", job_id, resident.hostname, status="failed")
+    return JobStatus.FAILED
+
+
+def _retrying(operation: Callable[[], T]) -> T:
+    """Run a store operation, waiting out a Redis restart: a computed answer is not thrown away for a blip.
+
+    If Redis stays away longer, the error propagates; the message, never acknowledged, is redelivered.
+    """
+    delay_s = 0.2
+    deadline = time.monotonic() + STORE_RETRY_S
+    while True:
+        try:
+            return operation()
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay_s)
+            delay_s = min(2.0, delay_s * 2)
 
 
 def _timings(created_at: float, started_at: float, finished_at: float) -> dict[str, Any]:

@@ -1,0 +1,208 @@
+"""`python -m bench.chaos`: nothing lost while workers are killed and Redis restarts.
+
+Starts an embedded Redis (AOF), the API and K workers (a tiny local T5, the built-in corpus), submits N jobs
+as one batch, then SIGKILLs a random worker every few seconds (starting a replacement, as `ragq serve` does)
+and kills and restarts Redis once. Workers append every run and every stored result to a ledger file outside
+Redis. It prints submitted, succeeded, failed, lost (must be 0), duplicate executions, duplicate visible results
+(must be 0), the recovery time after each kill, and jobs/s; `--json PATH` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from shared.redis_server import EmbeddedRedis, free_port, start_redis
+from shared.store import connect, ready_workers
+
+PARAMS = {"max_new_tokens": 8, "min_new_tokens": 8, "num_beams": 1}
+QUESTIONS = ["How do I add more workers?", "What does ragq serve start?", "How are errors reported?", "How do I cancel?"]
+
+
+class Chaos:
+    def __init__(self, work: Path, workers: int) -> None:
+        from worker.tiny import build_tiny_model
+
+        self.work = work
+        self.ledger = work / "ledger.jsonl"
+        model = build_tiny_model(work / "tiny-t5", "t5")
+        self.redis: EmbeddedRedis = start_redis(work / "redis", appendonly=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
+        self.env.update(
+            HF_HUB_OFFLINE="1",
+            REDIS_URL=self.redis.url,
+            RAGQ_MODEL=f"chaos={model}",
+            RAGQ_PORT=str(self.port),
+            RAGQ_DATA_DIR=str(work / "data"),
+            RAGQ_EXECUTION_LEDGER=str(self.ledger),
+            RAGQ_MAX_BATCH_SIZE="8",
+        )
+        self.api = self._spawn("api", "api")
+        self.workers = [self._spawn("worker", f"worker-{i}") for i in range(workers)]
+        self.spawned = workers
+
+    def _spawn(self, command: str, name: str) -> subprocess.Popen[bytes]:
+        log = (self.work / f"{name}.log").open("ab")
+        return subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", command], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def wait_ready(self, workers: int) -> None:
+        client = connect(self.redis.url)
+        deadline = time.monotonic() + 180
+        while ready_workers(client, 0) < workers or not self.api_ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"stack did not start; see {self.work}")
+            time.sleep(0.2)
+
+    def api_ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/readyz", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def kill_worker(self) -> str:
+        index = random.randrange(len(self.workers))
+        victim = self.workers[index]
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+        self.workers[index] = self._spawn("worker", f"worker-{self.spawned}")
+        self.spawned += 1
+        return f"worker pid {victim.pid}"
+
+    def restart_redis(self, down_s: float) -> None:
+        port, password = self.redis.port, self.redis.password
+        self.redis.process.kill()
+        self.redis.process.wait()
+        time.sleep(down_s)
+        self.redis = start_redis(self.work / "redis", port=port, password=password, appendonly=True)
+
+    def stop(self) -> None:
+        for child in [self.api, *self.workers]:
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for child in [self.api, *self.workers]:
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+        self.redis.stop()
+
+
+def request_ok(method: str, url: str, **kwargs: Any) -> requests.Response | None:
+    try:
+        response = requests.request(method, url, timeout=30, **kwargs)
+        return response if response.ok else None
+    except requests.RequestException:
+        return None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ragq-chaos-"))
+    chaos = Chaos(work, args.workers)
+    figures: dict[str, Any] = {"workers": args.workers, "submitted": args.jobs}
+    try:
+        chaos.wait_ready(args.workers)
+        body = "\n".join(
+            json.dumps({"custom_id": str(i), "question": QUESTIONS[i % len(QUESTIONS)], "params": PARAMS}) for i in range(args.jobs)
+        )
+        started = time.monotonic()
+        response = requests.post(
+            f"{chaos.url}/v1/batches", data=body, headers={"Content-Type": "application/x-ndjson"}, timeout=120
+        )
+        response.raise_for_status()
+        batch_id = response.json()["id"]
+        kills: list[tuple[float, str]] = []
+        redis_restart: dict[str, float] = {}
+        next_kill = time.monotonic() + args.kill_every_s
+        deadline = time.monotonic() + args.timeout_s
+        batch: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            answer = request_ok("GET", f"{chaos.url}/v1/batches/{batch_id}")
+            if answer is not None:
+                batch = answer.json()
+                if batch["status"] != "in_progress":
+                    break
+                done = batch["request_counts"]["succeeded"] + batch["request_counts"]["failed"]
+                if args.redis_restart and not redis_restart and done >= args.jobs // 3:
+                    t0 = time.monotonic()
+                    chaos.restart_redis(args.redis_down_s)
+                    redis_restart["down_s"] = args.redis_down_s
+                    while not chaos.api_ready():
+                        time.sleep(0.1)
+                    redis_restart["api_ready_after_s"] = round(time.monotonic() - t0, 2)
+                    redis_restart["at_done"] = done
+            if time.monotonic() >= next_kill and len(kills) < args.kills:
+                kills.append((time.time(), chaos.kill_worker()))
+                next_kill = time.monotonic() + args.kill_every_s
+            time.sleep(0.2)
+        elapsed = time.monotonic() - started
+        if redis_restart:
+            figures["redis_restart"] = redis_restart
+        counts = batch.get("request_counts", {})
+        events = [json.loads(line) for line in chaos.ledger.read_text().splitlines()] if chaos.ledger.exists() else []
+        runs = Counter(e["job_id"] for e in events if e["event"] == "run")
+        results = Counter(e["job_id"] for e in events if e["event"] == "result")
+        figures.update(
+            succeeded=counts.get("succeeded", 0),
+            failed=counts.get("failed", 0),
+            lost=args.jobs - counts.get("succeeded", 0) - counts.get("failed", 0),
+            duplicate_executions=sum(n - 1 for n in runs.values() if n > 1),
+            duplicate_visible_results=sum(1 for n in results.values() if n > 1),
+            worker_kills=len(kills),
+            recovery_s_after_each_kill=[round(_recovery_s(events, t), 2) for t, _ in kills],
+            jobs_per_s=round(args.jobs / elapsed, 2),
+            seconds=round(elapsed, 1),
+            batch_status=batch.get("status"),
+        )
+    finally:
+        chaos.stop()
+    return figures
+
+
+def _recovery_s(events: list[dict[str, Any]], killed_at: float) -> float:
+    """Seconds from a kill until the next result is stored by any worker: how long the system stalled."""
+    after = [e["t"] for e in events if e["event"] == "result" and e["t"] > killed_at]
+    return (min(after) - killed_at) if after else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs to run (100000 for the overnight figure)")
+    parser.add_argument("--kills", type=int, default=6, help="worker SIGKILLs")
+    parser.add_argument("--kill-every-s", type=float, default=4.0)
+    parser.add_argument("--no-redis-restart", dest="redis_restart", action="store_false")
+    parser.add_argument("--redis-down-s", type=float, default=2.0)
+    parser.add_argument("--timeout-s", type=float, default=900)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    figures = run(args)
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2))
+    ok = figures.get("lost") == 0 and figures.get("duplicate_visible_results") == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""A short chaos run: workers SIGKILLed every few seconds and Redis killed and restarted, nothing lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import chaos
+
+
+def test_nothing_is_lost_under_worker_kills_and_a_redis_restart(tmp_path: Path) -> None:
+    out = tmp_path / "chaos.json"
+    code = chaos.main(
+        ["--workers", "2", "--jobs", "200", "--kills", "3", "--kill-every-s", "3", "--timeout-s", "400", "--json", str(out)]
+    )
+    figures = json.loads(out.read_text())
+    assert figures["lost"] == 0, figures
+    assert figures["duplicate_visible_results"] == 0, figures
+    assert figures["succeeded"] + figures["failed"] == 200
+    assert figures["worker_kills"] == 3
+    assert "redis_restart" in figures
+    assert code == 0
