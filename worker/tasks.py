@@ -13,6 +13,7 @@ import redis
 
 from shared import keys
 from shared.jobs import JobStatus
+from shared.store import Transition
 from worker import pipeline
 from worker.batching import BACKLOG, INTERACTIVE, BatchInfo, Skipped
 from worker.generation import GenerationError
@@ -96,7 +97,7 @@ def _succeed(
         batch_wait_ms=round(batch.wait_ms, 3),
         batch_size=batch.size,
     )
-    outcome = _retrying(lambda: resident.store.transition(
+    outcome = _store_final(resident, job_id, lambda: resident.store.transition(
         job_id,
         JobStatus.SUCCEEDED,
         answer=result.text,
@@ -116,7 +117,7 @@ def _succeed(
 def _fail(resident: Resident, job_id: str, started_at: float, error_type: str, message: str) -> JobStatus | None:
     job = _retrying(lambda: resident.store.get(job_id))
     finished_at = time.time()
-    outcome = _retrying(lambda: resident.store.transition(
+    outcome = _store_final(resident, job_id, lambda: resident.store.transition(
         job_id,
         JobStatus.FAILED,
         error={"type": error_type, "message": message},
@@ -128,6 +129,16 @@ def _fail(resident: Resident, job_id: str, started_at: float, error_type: str, m
         return None
     resident.ledger.record("result", job_id, resident.hostname, status="failed")
     return JobStatus.FAILED
+
+
+def _store_final(resident: Resident, job_id: str, finish: Callable[[], Transition]) -> Transition:
+    """Store a final status; if Redis lost this worker's claim (a crash inside its fsync window), claim again first."""
+    outcome = _retrying(finish)
+    if not outcome.applied and outcome.previous is JobStatus.QUEUED:
+        log.warning("job %s was queued again under us (Redis lost the claim); claiming it again", job_id)
+        _retrying(lambda: resident.store.transition(job_id, JobStatus.RUNNING, worker=resident.hostname))
+        outcome = _retrying(finish)
+    return outcome
 
 
 def _retrying(operation: Callable[[], T]) -> T:
