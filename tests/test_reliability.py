@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -131,3 +132,16 @@ def test_pickle_message_is_refused_and_nothing_of_it_runs(
     time.sleep(0.5)
     assert not marker.exists()
     assert "untrusted content" in t5_worker.log() or "ContentDisallowed" in t5_worker.log()
+
+
+def test_job_running_past_the_time_limit_under_a_live_worker_is_requeued(
+    store: JobStore, settings: Settings, redis_client: redis.Redis
+) -> None:
+    running_job(store, "stuck", "alive@h", 1)
+    running_job(store, "recent", "alive@h", 1)
+    redis_client.set(keys.worker_alive("alive@h"), "1", ex=10)
+    store.redis.hset(keys.job("stuck"), "started_at", json.dumps(time.time() - 1000))
+    keeper = Housekeeper(BatchStore(store), make_celery(settings), "unserved", 8, None, worker_name="me@h", max_attempts=3, task_time_limit_s=60)
+    assert keeper.requeue_overdue() == ["stuck"]
+    assert redis_client.llen(keys.model_queue("unserved")) == 1
+    assert redis_client.smembers(keys.worker_jobs("alive@h")) == {"recent"}

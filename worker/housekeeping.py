@@ -42,6 +42,7 @@ return due
 
 
 HEARTBEAT_TTL_S = 10
+OVERDUE_MARGIN_S = 30
 HEARTBEAT_EVERY_S = 2.0
 
 # Takes over the job set of a worker whose heartbeat has expired. KEYS: alive key, job set, index;
@@ -77,7 +78,9 @@ class Housekeeper:
         callback_secret: str | None,
         worker_name: str,
         max_attempts: int,
+        task_time_limit_s: float = 600,
     ) -> None:
+        self.task_time_limit_s = task_time_limit_s
         self.worker_name = worker_name
         self.max_attempts = max_attempts
         self.batches = batches
@@ -125,6 +128,7 @@ class Housekeeper:
                 self.batches.expire_due()
                 self.resend_stale()
                 self.reap_dead_workers()
+                self.requeue_overdue()
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
             if not fed:
                 self._stop.wait(FEED_IDLE_S)
@@ -184,6 +188,29 @@ class Housekeeper:
                 requeued.append(job_id)
             if job_ids:
                 log.warning("worker %s stopped answering; re-queued %d of its jobs", worker, len(requeued))
+        return requeued
+
+    def requeue_overdue(self) -> list[str]:
+        """Re-queue jobs still `running` well past the task time limit under a live worker.
+
+        A task stops waiting at the time limit and fails its job, so such a job has lost its task: for
+        example when a Redis restart cut the worker's broker connection and Celery cancelled what it ran.
+        """
+        cutoff = time.time() - self.task_time_limit_s - OVERDUE_MARGIN_S
+        requeued = []
+        for worker in self.redis.smembers(keys.workers_with_jobs()):
+            for job_id in self.redis.smembers(keys.worker_jobs(worker)):
+                try:
+                    job = self.batches.jobs.get(job_id)
+                except NotFound:
+                    self.redis.srem(keys.worker_jobs(worker), job_id)
+                    continue
+                if job.status is JobStatus.RUNNING and job.worker == worker and (job.started_at or 0) < cutoff:
+                    self.redis.srem(keys.worker_jobs(worker), job_id)
+                    enqueue(self.celery, job_id, job.model, batch_item=job.batch_id is not None)
+                    requeued.append(job_id)
+        if requeued:
+            log.warning("re-queued %d jobs running past the time limit without a task", len(requeued))
         return requeued
 
     def _callback_loop(self) -> None:

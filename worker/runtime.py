@@ -140,6 +140,7 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
         settings.callback_secret,
         worker_name=hostname,
         max_attempts=settings.max_attempts,
+        task_time_limit_s=settings.task_time_limit_s,
     )
     resident.housekeeper.heartbeat()
     resident.housekeeper.start()
