@@ -57,6 +57,16 @@ def init_app(app: Flask) -> None:
         log.warning("redis unavailable: %s", exc)
         return error_response(503, errors.Unavailable.type, "the job store (Redis) is unavailable; retry later")
 
+    @app.errorhandler(redis.exceptions.ResponseError)
+    def redis_refused(exc: redis.exceptions.ResponseError) -> tuple[Response, int]:
+        # With maxmemory-policy noeviction a full Redis refuses writes with "OOM ..."; that is a
+        # temporary capacity problem for the client, not a bug.
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+            log.warning("redis is full: %s", exc)
+            return error_response(503, errors.Unavailable.type, "the job store (Redis) is full; retry later")
+        log.exception("redis error")
+        return error_response(500, "internal_error", "internal server error")
+
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:
         log.exception("unhandled error")

@@ -247,3 +247,20 @@ def test_openapi_document_uses_the_validating_models(client: FlaskClient) -> Non
     assert "JobView" in schemas and "BatchLine" in schemas and "BatchOptions" in schemas
     assert "custom_id" in schemas["BatchLine"]["required"]
     assert set(schemas["JobView"]["required"]) >= {"id", "status", "answer", "sources", "timings", "usage"}
+
+
+def test_full_redis_gives_503_and_stores_nothing(client: FlaskClient, redis_client: redis.Redis) -> None:
+    used = int(redis_client.info("memory")["used_memory"])
+    redis_client.config_set("maxmemory", used + 1024)
+    try:
+        keys_before = set(redis_client.keys("*"))
+        big = {"question": "x" * 1900}
+        responses = [client.post("/v1/jobs", json=big) for _ in range(50)]
+        assert responses[-1].status_code == 503
+        assert responses[-1].get_json()["error"]["message"] == "the job store (Redis) is full; retry later"
+        accepted = {r.get_json()["id"] for r in responses if r.status_code == 202}
+        stored = {k.split(":")[2] for k in set(redis_client.keys("ragq:job:*")) - keys_before}
+        # Every job stored was acknowledged with 202, and every 202 was stored: nothing half-written.
+        assert stored == accepted
+    finally:
+        redis_client.config_set("maxmemory", 0)
