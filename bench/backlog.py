@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 
 import requests
 
+from bench.common import report, stop_groups
 from shared.redis_server import free_port, start_redis
 from shared.store import connect, ready_workers
 
@@ -100,16 +100,7 @@ class Stack:
         time.sleep(1)
 
     def stop(self) -> None:
-        for child in self.children:
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for child in self.children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+        stop_groups(self.children)
         self.redis.stop()
 
 
@@ -192,12 +183,7 @@ def main() -> int:
         requests.post(f"{stack.url}/v1/batches/{backlog['id']}/cancel", timeout=600)
     finally:
         stack.stop()
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
     return 0
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import requests
 
+from bench.common import report, stop_groups
 from shared.redis_server import EmbeddedRedis, free_port, start_redis
 from shared.store import connect, ready_workers
 
@@ -94,16 +95,7 @@ class Chaos:
         self.redis = start_redis(self.work / "redis", port=port, password=password, appendonly=True)
 
     def stop(self) -> None:
-        for child in [self.api, *self.workers]:
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for child in [self.api, *self.workers]:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
+        stop_groups([self.api, *self.workers])
         self.redis.stop()
 
 
@@ -196,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     figures = run(args)
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
     ok = figures.get("lost") == 0 and figures.get("duplicate_visible_results") == 0
     return 0 if ok else 1
 

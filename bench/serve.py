@@ -27,6 +27,7 @@ from typing import Any
 import minsearch
 import requests
 
+from bench.common import report
 from shared.redis_server import free_port
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -164,12 +165,7 @@ def main() -> int:
         "processes_left_after_sigterm": len(left),
         "processes_started": len(tree),
     }
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2))
+    report(figures, args.json)
     ok = succeeded == sources_match == len(results) and bad_ok and not left and exit_code == 0
     return 0 if ok else 1
 

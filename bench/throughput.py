@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Phi3Config, T5Config
 
+from bench.common import stop_groups
 from shared.redis_server import free_port, start_redis
 from worker.corpus import load_documents
 from worker.generation import Generator, load_generator
@@ -207,17 +207,7 @@ class System:
         raise RuntimeError(f"system not ready; see {self.logs}")
 
     def stop(self) -> None:
-        for child in self.children:
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for child in self.children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-                child.wait()
+        stop_groups(self.children)
         self.redis.stop()
 
 

@@ -1,0 +1,37 @@
+"""Pieces every benchmark uses: stopping the process groups it started, printing and saving figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def stop_groups(children: Iterable[subprocess.Popen[bytes]], grace_s: float = 30) -> None:
+    """SIGTERM each child's process group, wait, then SIGKILL what is left."""
+    children = list(children)
+    for child in children:
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for child in children:
+        try:
+            child.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+
+
+def report(figures: dict[str, Any], json_path: Path | None) -> None:
+    """Print the figures as an aligned table and, with a path, write them as JSON."""
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        print(f"{key:<{width}}  {value}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(figures, indent=2))
