@@ -29,7 +29,6 @@ from shared.batch_cli import (
 )
 from shared.cli import build_parser
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def counts(total: int = 0, **values: int) -> dict[str, int]:
@@ -212,8 +211,8 @@ def test_format_batch_table_aligns_columns() -> None:
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 
-def test_read_questions_reads_the_dev_set() -> None:
-    rows = read_questions(SHARED_DATA / "questions-dev.csv")
+def test_read_questions_reads_the_dev_set(shared_data: Path) -> None:
+    rows = read_questions(shared_data / "questions-dev.csv")
     assert len(rows) == 674
     assert rows[0] == {
         "question": "Where can I find the structure for questions in this course?",

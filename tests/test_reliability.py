@@ -33,7 +33,7 @@ def housekeeper(store: JobStore, settings: Settings, name: str = "reaper@test") 
 def running_job(store: JobStore, job_id: str, worker: str, attempts: int) -> None:
     store.create(Job(id=job_id, status=JobStatus.QUEUED, question="q", model="unserved", created_at=time.time()))
     for _ in range(attempts):
-        assert store.transition(job_id, JobStatus.RUNNING, worker=worker).applied
+        assert store.transition(job_id, JobStatus.RUNNING, worker=worker, started_at=time.time()).applied
 
 
 def test_transitions_track_the_jobs_each_worker_runs(store: JobStore) -> None:
