@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pydantic
+import redis
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from api import idempotency, state
@@ -54,6 +55,8 @@ def store_and_enqueue(job: Job) -> None:
             api.store.delete(job.id)
         except Exception:
             pass
+        if isinstance(exc, redis.exceptions.OutOfMemoryError):
+            raise Unavailable("the job store (Redis) is full; retry later") from exc
         raise Unavailable("the queue (Redis) is unavailable; the job was not accepted") from exc
 
 
