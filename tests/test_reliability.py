@@ -84,7 +84,14 @@ def test_jobs_of_a_worker_killed_mid_batch_are_completed_by_another(
             for i in range(4)
         ]
         deadline = time.monotonic() + 30
-        while not any(client.get(f"/v1/jobs/{j['id']}").get_json()["status"] == "running" for j in jobs):
+        ids = {j["id"] for j in jobs}
+
+        def held() -> set[str]:
+            return set().union(*[redis_client.smembers(keys.worker_jobs(w)) for w in redis_client.smembers(keys.workers_with_jobs())])
+
+        # Kill once the worker has recorded every message it took (a message taken and not yet recorded
+        # when a worker dies waits for the visibility timeout instead: a known, narrow window).
+        while not (ids <= held() and any(client.get(f"/v1/jobs/{j}").get_json()["status"] == "running" for j in ids)):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         kill_group(first)
