@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 
 import requests
 
-from bench.common import report, stop_groups
+from bench.common import child_env, report, stop_groups
 from shared.redis_server import free_port, start_redis
 from shared.store import connect, ready_workers
 
@@ -57,9 +56,7 @@ class Stack:
         self.client = connect(self.redis.url)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
-        self.env.update(
-            HF_HUB_OFFLINE="1",
+        self.env = child_env(
             REDIS_URL=self.redis.url,
             RAGQ_MODEL=f"bench={model}",
             RAGQ_DOCUMENTS=str(data / "documents.json"),

@@ -24,7 +24,7 @@ from typing import Any
 
 import requests
 
-from bench.common import report, stop_groups
+from bench.common import child_env, report, stop_groups
 from shared.redis_server import EmbeddedRedis, free_port, start_redis
 from shared.store import connect, ready_workers
 
@@ -42,9 +42,7 @@ class Chaos:
         self.redis: EmbeddedRedis = start_redis(work / "redis", appendonly=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
-        self.env.update(
-            HF_HUB_OFFLINE="1",
+        self.env = child_env(
             REDIS_URL=self.redis.url,
             RAGQ_MODEL=f"chaos={model}",
             RAGQ_PORT=str(self.port),

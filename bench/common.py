@@ -11,6 +11,14 @@ from pathlib import Path
 from typing import Any
 
 
+def child_env(**settings: str) -> dict[str, str]:
+    """This process's environment without ragq settings of its own, offline, plus `settings` for the children."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env.update(settings)
+    return env
+
+
 def stop_groups(children: Iterable[subprocess.Popen[bytes]], grace_s: float = 30) -> None:
     """SIGTERM each child's process group, wait, then SIGKILL what is left."""
     children = list(children)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import queue
 import signal
 import statistics
@@ -27,7 +26,7 @@ from typing import Any
 import minsearch
 import requests
 
-from bench.common import report
+from bench.common import child_env, report
 from shared.redis_server import free_port
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -94,9 +93,7 @@ def main() -> int:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
-    env.update(
-        HF_HUB_OFFLINE="1",
+    env = child_env(
         RAGQ_MODEL=model,
         RAGQ_DOCUMENTS=str(DATA / "documents.json"),
         RAGQ_PORT=str(port),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Phi3Config, T5Config
 
-from bench.common import stop_groups
+from bench.common import child_env, stop_groups
 from shared.redis_server import free_port, start_redis
 from worker.corpus import load_documents
 from worker.generation import Generator, load_generator
@@ -163,9 +162,7 @@ class System:
         self.redis = start_redis(work / "redis", appendonly=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
-        env.update(
-            HF_HUB_OFFLINE="1",
+        env = child_env(
             REDIS_URL=self.redis.url,
             RAGQ_MODEL=f"bench={model}",
             RAGQ_DOCUMENTS=str(data / "documents.json"),

@@ -229,11 +229,5 @@ class BatchStore:
         return [job_id for job_id, taken in self.redis.hgetall(keys.feed_inflight(model_name)).items() if float(taken) < cutoff]
 
 
-def counts_add_up(public: dict[str, Any]) -> bool:
-    """Whether a public batch object's counts sum to its total."""
-    counts = public["request_counts"]
-    return sum(counts[name] for name in COUNT_NAMES) == counts["total"]
-
-
 def encode_result(result: dict[str, Any]) -> bytes:
     return json.dumps(result, ensure_ascii=False).encode() + b"\n"
