@@ -48,7 +48,7 @@ def store_and_enqueue(job: Job) -> None:
     api = state.get()
     api.store.create(job)
     try:
-        enqueue(api.celery, job.id, job.model)
+        enqueue(api.celery, api.store.redis, job.id, job.model)
     except Exception as exc:
         # Leave nothing half-written: a stored job that no worker will ever see is worse than none.
         try:

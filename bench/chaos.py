@@ -25,6 +25,7 @@ from typing import Any
 import requests
 
 from bench.common import child_env, report, stop_groups
+from shared import keys
 from shared.redis_server import EmbeddedRedis, free_port, start_redis
 from shared.store import connect, ready_workers
 
@@ -91,6 +92,30 @@ class Chaos:
         self.redis.process.wait()
         time.sleep(down_s)
         self.redis = start_redis(self.work / "redis", port=port, password=password, appendonly=True)
+
+    def where_are(self, batch_id: str) -> list[dict[str, Any]]:
+        """Where each unfinished job of the batch stands in Redis: what a lost job's report needs."""
+        client = connect(self.redis.url)
+        held = {tag: raw for tag, raw in client.hgetall("unacked").items()}
+        queues = {name: client.lrange(name, 0, -1) for name in client.keys("ragq.model.*")}
+        sets = {name: client.smembers(name) for name in client.keys(keys.worker_jobs("*"))}
+        pending = set(client.lrange(keys.batch_pending(batch_id), 0, -1))
+        inflight = set().union(*(client.hkeys(name) for name in client.keys(keys.feed_inflight("*"))))
+        found = []
+        for job_id in client.lrange(keys.batch_jobs(batch_id), 0, -1):
+            record = client.hgetall(keys.job(job_id))
+            if record.get("status") in ("succeeded", "failed"):
+                continue
+            found.append({
+                "job_id": job_id,
+                "record": {k: v for k, v in record.items() if k in ("status", "worker", "attempts", "started_at", "created_at")},
+                "unacked": [tag for tag, raw in held.items() if job_id in raw],
+                "queues": [name for name, items in queues.items() if any(job_id in item for item in items)],
+                "worker_sets": [name for name, members in sets.items() if job_id in members],
+                "pending": job_id in pending,
+                "inflight": job_id in inflight,
+            })
+        return found
 
     def stop(self) -> None:
         stop_groups([self.api, *self.workers])
@@ -163,6 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds=round(elapsed, 1),
             batch_status=batch.get("status"),
         )
+        if figures["lost"]:
+            figures["unfinished"] = chaos.where_are(batch_id)
     finally:
         chaos.stop()
     return figures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 
 from shared import keys
@@ -48,7 +49,25 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job_id: str, model_name: str, *, batch_item: bool = False) -> None:
+# KEYS[1] the model's sent set; ARGV job ids. Scores them with Redis's clock, the one clock every sender shares.
+_MARK_SENT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for _, id in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, id) end
+"""
+
+
+def enqueue(app: Celery, client: redis.Redis, job_id: str, model_name: str, *, batch_item: bool = False) -> None:
     """Put a job on its model's queue (interactive or batch), by task name, so the API never imports worker code."""
+    enqueue_many(app, client, [job_id], model_name, batch_item=batch_item)
+
+
+def enqueue_many(app: Celery, client: redis.Redis, job_ids: list[str], model_name: str, *, batch_item: bool = False) -> None:
+    """Send one message per job, first noting them as sent so the message audit can find any that is lost
+    (see `worker.housekeeping.Housekeeper.audit_messages`)."""
+    if not job_ids:
+        return
+    client.register_script(_MARK_SENT_LUA)(keys=[keys.sent(model_name)], args=job_ids)
     queue = keys.model_batch_queue(model_name) if batch_item else keys.model_queue(model_name)
-    app.send_task(ANSWER_TASK, args=[job_id], queue=queue)
+    for job_id in job_ids:
+        app.send_task(ANSWER_TASK, args=[job_id], queue=queue)

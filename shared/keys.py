@@ -103,3 +103,19 @@ def worker_jobs(worker: str) -> str:
 def workers_with_jobs() -> str:
     """Set of worker names that have a `worker_jobs` set: where the reaper looks for dead workers' jobs."""
     return f"{PREFIX}:workers:with-jobs"
+
+
+def sent(model_name: str) -> str:
+    """Sorted set of `model_name`'s jobs whose message was sent and not yet taken, scored by the Redis time of
+    the last send: where the message audit looks for messages that never reached a worker."""
+    return f"{PREFIX}:sent:{model_name}"
+
+
+def broker_unacked() -> str:
+    """Kombu's hash of delivered, unacknowledged messages (its default name; ragq sets no key prefix)."""
+    return "unacked"
+
+
+def broker_unacked_index() -> str:
+    """Kombu's sorted set of the delivery times of the messages in `broker_unacked`."""
+    return "unacked_index"

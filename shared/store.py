@@ -29,6 +29,7 @@ TEMPLATES = json.dumps(
         "deadlines": keys.batch_deadlines(),
         "worker_jobs": keys.worker_jobs("{id}"),
         "with_jobs": keys.workers_with_jobs(),
+        "sent": keys.sent("{id}"),
     }
 )
 
@@ -74,6 +75,9 @@ local function transition(job_key, target, allowed, fields)
     redis.call('SREM', key('worker_jobs', previous_worker), id)
   end
   for i = 1, #fields, 2 do redis.call('HSET', job_key, fields[i], fields[i + 1]) end
+  -- Its message has been taken (or no longer matters): the message audit stops watching it.
+  local model = redis.call('HGET', job_key, 'model')
+  if model then redis.call('ZREM', key('sent', cjson.decode(model)), id) end
   if target == 'running' then
     redis.call('HINCRBY', job_key, 'attempts', 1)
     local worker = cjson.decode(redis.call('HGET', job_key, 'worker') or 'null')

@@ -94,7 +94,7 @@ def test_worker_skips_a_job_cancelled_before_pick_up(
     job = Job(id="00000000-0000-4000-8000-000000000001", status=JobStatus.QUEUED, question="q", model="tiny-t5")
     store.create(job)
     assert client.delete(f"/v1/jobs/{job.id}").status_code == 200
-    enqueue(celery_app, job.id, "tiny-t5")
+    enqueue(celery_app, store.redis, job.id, "tiny-t5")
     sentinel = submit(client, question=QUESTIONS[1], params={"max_new_tokens": 2})
     assert wait(client, sentinel["id"])["status"] == "succeeded"
     skipped = client.get(f"/v1/jobs/{job.id}").get_json()
@@ -103,10 +103,10 @@ def test_worker_skips_a_job_cancelled_before_pick_up(
 
 
 def test_redelivered_message_for_a_finished_job_changes_nothing(
-    client: FlaskClient, celery_app: Celery, t5_worker: WorkerProcess
+    client: FlaskClient, store: JobStore, celery_app: Celery, t5_worker: WorkerProcess
 ) -> None:
     first = wait(client, submit(client, question=QUESTIONS[0], params={"max_new_tokens": 4})["id"])
-    enqueue(celery_app, first["id"], "tiny-t5")
+    enqueue(celery_app, store.redis, first["id"], "tiny-t5")
     sentinel = submit(client, question=QUESTIONS[1], params={"max_new_tokens": 2})
     assert wait(client, sentinel["id"])["status"] == "succeeded"
     assert client.get(f"/v1/jobs/{first['id']}").get_json() == first

@@ -45,3 +45,10 @@ def test_worker_key_formats() -> None:
     assert keys.worker_alive("w@h") == "ragq:worker:w@h:alive"
     assert keys.worker_jobs("w@h") == "ragq:worker:w@h:jobs"
     assert keys.workers_with_jobs() == "ragq:workers:with-jobs"
+
+
+def test_message_audit_key_formats() -> None:
+    assert keys.sent("m") == "ragq:sent:m"
+    # Kombu's own names: the audit reads them, so a Kombu option that renames them would break it.
+    assert keys.broker_unacked() == "unacked"
+    assert keys.broker_unacked_index() == "unacked_index"

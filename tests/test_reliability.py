@@ -16,7 +16,7 @@ from kombu import Connection, Exchange, Queue
 
 from shared import keys
 from shared.batch_store import BatchStore
-from shared.broker import make_celery
+from shared.broker import enqueue, make_celery
 from shared.config import Settings
 from shared.jobs import Job, JobStatus
 from shared.store import JobStore
@@ -152,3 +152,65 @@ def test_job_running_past_the_time_limit_under_a_live_worker_is_requeued(
     assert keeper.requeue_overdue() == ["stuck"]
     assert redis_client.llen(keys.model_queue("unserved")) == 1
     assert redis_client.smembers(keys.worker_jobs("alive@h")) == {"recent"}
+
+
+def queued_job(store: JobStore, job_id: str) -> None:
+    store.create(Job(id=job_id, status=JobStatus.QUEUED, question="q", model="unserved", created_at=time.time()))
+
+
+def test_message_audit_sends_again_a_message_taken_from_the_queue_but_never_delivered(
+    store: JobStore, settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Kombu pops a message, then records its delivery; a connection lost in between drops the message.
+    keeper = housekeeper(store, settings)
+    queue = keys.model_queue("unserved")
+    for job_id in ("dropped", "waiting"):
+        queued_job(store, job_id)
+        enqueue(keeper.celery, redis_client, job_id, "unserved")
+    assert "dropped" in redis_client.rpop(queue)
+    assert keeper.audit_messages(stale_s=0) == ["dropped"]
+    # Sent again, behind the one still waiting; the one still in its queue is left alone.
+    assert [job_of(m) for m in redis_client.lrange(queue, 0, -1)] == ["dropped", "waiting"]
+    assert keeper.audit_messages(stale_s=0) == []
+
+
+def test_message_audit_ignores_recent_messages_and_jobs_that_were_taken(
+    store: JobStore, settings: Settings, redis_client: redis.Redis
+) -> None:
+    keeper = housekeeper(store, settings)
+    for job_id in ("recent", "taken"):
+        queued_job(store, job_id)
+        enqueue(keeper.celery, redis_client, job_id, "unserved")
+    redis_client.delete(keys.model_queue("unserved"))
+    assert store.transition("taken", JobStatus.RUNNING, worker="alive@h").applied
+    redis_client.set(keys.worker_alive("alive@h"), "1", ex=10)
+    assert keeper.audit_messages(stale_s=60) == []
+    assert keeper.audit_messages(stale_s=0) == ["recent"]
+    # Taking a job ends the audit's watch over it.
+    assert redis_client.zrange(keys.sent("unserved"), 0, -1) == ["recent"]
+
+
+def test_message_audit_takes_back_a_delivery_that_was_never_claimed(
+    store: JobStore, settings: Settings, redis_client: redis.Redis
+) -> None:
+    # A message delivered to a consumer whose connection then died (a Redis restart): Kombu would give it
+    # back only after the visibility timeout, an hour by default.
+    keeper = housekeeper(store, settings)
+    queue = keys.model_queue("unserved")
+    for job_id in ("orphan", "fresh"):
+        queued_job(store, job_id)
+        enqueue(keeper.celery, redis_client, job_id, "unserved")
+    for tag, delivered_at in (("tag-orphan", time.time() - 120), ("tag-fresh", time.time())):
+        payload = redis_client.rpop(queue)
+        redis_client.hset(keys.broker_unacked(), tag, json.dumps([json.loads(payload), queue, queue]))
+        redis_client.zadd(keys.broker_unacked_index(), {tag: delivered_at})
+    assert keeper.audit_messages(stale_s=60) == []  # sent just now
+    seconds, _ = redis_client.time()
+    redis_client.zadd(keys.sent("unserved"), {"orphan": seconds - 100, "fresh": seconds - 100})
+    assert keeper.audit_messages(stale_s=60) == ["orphan"]
+    assert redis_client.hkeys(keys.broker_unacked()) == ["tag-fresh"]
+    assert [job_of(m) for m in redis_client.lrange(queue, 0, -1)] == ["orphan"]
+
+
+def job_of(payload: str) -> str:
+    return json.loads(payload)["headers"]["argsrepr"].strip("[]'")

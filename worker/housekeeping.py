@@ -18,7 +18,7 @@ from celery import Celery
 
 from shared import keys
 from shared.batch_store import BatchStore
-from shared.broker import enqueue
+from shared.broker import enqueue, enqueue_many
 from shared.errors import NotFound
 from shared.jobs import JobStatus
 
@@ -40,6 +40,83 @@ for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonu
 return due
 """
 
+
+# A message sent this long ago whose job is still waiting for it is checked for; the message audit runs
+# this often. Far above the milliseconds between a worker receiving a message and claiming its job.
+MESSAGE_STALE_S = 60.0
+AUDIT_EVERY_S = 10.0
+AUDIT_LIMIT = 1000
+
+# The message audit. Finds the jobs of one model whose message was sent over MESSAGE_STALE_S ago and that
+# still wait for it (queued, or running under a worker that died), and returns those whose message is gone:
+#  - delivered to a consumer that never claimed the job: its connection died (a Redis restart) and Kombu
+#    would give the message back only after the visibility timeout. The delivery is removed;
+#  - or in no queue: taken from the list but never recorded as delivered (Kombu pops with BRPOP, then
+#    records the delivery; a connection or process lost in between drops the message), or never sent.
+#    Queues are FIFO lists, so a job is no longer in its queue once the oldest message there was sent
+#    after it; this reads one list item, never the whole queue.
+# A false alarm only sends a second message, which the state machine makes harmless.
+# KEYS: sent set, unacked hash, unacked index, interactive queue, batch queue.
+# ARGV: job key template, worker alive template, stale seconds, limit.
+_AUDIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local cutoff = now - tonumber(ARGV[3])
+local function job_of(payload)
+  local ok, message = pcall(cjson.decode, payload)
+  if not ok or type(message) ~= 'table' then return nil end
+  if message[1] ~= nil then message = message[1] end
+  local headers = type(message.headers) == 'table' and message.headers or {}
+  return type(headers.argsrepr) == 'string' and string.match(headers.argsrepr, "'([^']+)'") or nil
+end
+local candidates = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
+if #candidates == 0 then return {} end
+local delivered = {}
+local unacked = redis.call('HGETALL', KEYS[2])
+for i = 1, #unacked, 2 do
+  local id = job_of(unacked[i + 1])
+  if id then delivered[id] = unacked[i] end
+end
+local lost = {}
+local function found_lost(id)
+  -- Scored as sent now, so an audit running in another worker does not send it a third time.
+  redis.call('ZADD', KEYS[1], now, id)
+  table.insert(lost, id)
+end
+for i = 1, #candidates, 2 do
+  local id, sent_at = candidates[i], tonumber(candidates[i + 1])
+  local job = string.gsub(ARGV[1], '{id}', id)
+  local fields = redis.call('HMGET', job, 'status', 'worker', 'batch_id')
+  local waiting = fields[1] == 'queued'
+  if fields[1] == 'running' then
+    local worker = cjson.decode(fields[2] or 'null')
+    waiting = worker == cjson.null or redis.call('EXISTS', (string.gsub(ARGV[2], '{id}', worker))) == 0
+  end
+  if not waiting then
+    redis.call('ZREM', KEYS[1], id)
+  elseif delivered[id] then
+    local tag = delivered[id]
+    local at = tonumber(redis.call('ZSCORE', KEYS[3], tag) or '0')
+    if fields[1] == 'queued' and at < cutoff then
+      redis.call('HDEL', KEYS[2], tag)
+      redis.call('ZREM', KEYS[3], tag)
+      found_lost(id)
+    end
+  else
+    local queue = KEYS[4]
+    if fields[3] and cjson.decode(fields[3]) ~= cjson.null then queue = KEYS[5] end
+    local oldest = redis.call('LINDEX', queue, -1)
+    if not oldest then
+      found_lost(id)
+    else
+      local first = job_of(oldest)
+      local first_sent = first and redis.call('ZSCORE', KEYS[1], first)
+      if first ~= id and first_sent and tonumber(first_sent) > sent_at then found_lost(id) end
+    end
+  end
+end
+return lost
+"""
 
 HEARTBEAT_TTL_S = 10
 OVERDUE_MARGIN_S = 30
@@ -92,6 +169,7 @@ class Housekeeper:
         self._stop = threading.Event()
         self._claim_callbacks = self.redis.register_script(_CLAIM_CALLBACKS_LUA)
         self._claim_dead_worker = self.redis.register_script(_CLAIM_DEAD_WORKER_LUA)
+        self._audit = self.redis.register_script(_AUDIT_LUA)
         self._threads = [
             threading.Thread(target=self._guarded, args=(self._feed_loop,), name="ragq-feeder", daemon=True),
             threading.Thread(target=self._guarded, args=(self._callback_loop,), name="ragq-callbacks", daemon=True),
@@ -119,6 +197,7 @@ class Housekeeper:
 
     def _feed_loop(self) -> None:
         next_sweep = next_heartbeat = 0.0
+        next_audit = time.monotonic() + AUDIT_EVERY_S
         while not self._stop.is_set():
             if time.monotonic() >= next_heartbeat:
                 self.heartbeat()
@@ -130,6 +209,9 @@ class Housekeeper:
                 self.reap_dead_workers()
                 self.requeue_overdue()
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
+            if time.monotonic() >= next_audit:
+                self.audit_messages()
+                next_audit = time.monotonic() + AUDIT_EVERY_S
             if not fed:
                 self._stop.wait(FEED_IDLE_S)
 
@@ -143,8 +225,7 @@ class Housekeeper:
         return len(job_ids)
 
     def _send(self, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            enqueue(self.celery, job_id, self.model_name, batch_item=True)
+        enqueue_many(self.celery, self.redis, job_ids, self.model_name, batch_item=True)
         self.batches.confirm_fed(self.model_name, job_ids)
 
     def resend_stale(self) -> None:
@@ -184,7 +265,7 @@ class Housekeeper:
                         error={"type": "worker_lost", "message": f"the worker running this job died {job.attempts} times; not retried"},
                     )
                     continue
-                enqueue(self.celery, job_id, job.model, batch_item=job.batch_id is not None)
+                enqueue(self.celery, self.redis, job_id, job.model, batch_item=job.batch_id is not None)
                 requeued.append(job_id)
             if job_ids:
                 log.warning("worker %s stopped answering; re-queued %d of its jobs", worker, len(requeued))
@@ -207,11 +288,35 @@ class Housekeeper:
                     continue
                 if job.status is JobStatus.RUNNING and job.worker == worker and (job.started_at or 0) < cutoff:
                     self.redis.srem(keys.worker_jobs(worker), job_id)
-                    enqueue(self.celery, job_id, job.model, batch_item=job.batch_id is not None)
+                    enqueue(self.celery, self.redis, job_id, job.model, batch_item=job.batch_id is not None)
                     requeued.append(job_id)
         if requeued:
             log.warning("re-queued %d jobs running past the time limit without a task", len(requeued))
         return requeued
+
+    def audit_messages(self, stale_s: float = MESSAGE_STALE_S) -> list[str]:
+        """Send again the messages of this model's jobs that were lost on their way to a worker (see `_AUDIT_LUA`)."""
+        lost = self._audit(
+            keys=[
+                keys.sent(self.model_name),
+                keys.broker_unacked(),
+                keys.broker_unacked_index(),
+                keys.model_queue(self.model_name),
+                keys.model_batch_queue(self.model_name),
+            ],
+            args=[keys.job("{id}"), keys.worker_alive("{id}"), stale_s, AUDIT_LIMIT],
+        )
+        resent = []
+        for job_id in lost:
+            try:
+                job = self.batches.jobs.get(job_id)
+            except NotFound:
+                continue
+            enqueue(self.celery, self.redis, job_id, job.model, batch_item=job.batch_id is not None)
+            resent.append(job_id)
+        if resent:
+            log.warning("sent again %d messages lost on their way to a worker", len(resent))
+        return resent
 
     def _callback_loop(self) -> None:
         while not self._stop.is_set():
