@@ -9,7 +9,7 @@ from shared.config import Settings
 
 def create_app(config: Settings | None = None) -> Flask:
     """The Flask app; `config` defaults to settings read from the environment."""
-    from api import batches, errors, health, jobs, openapi, state
+    from api import batches, errors, health, jobs, openapi, state, tenancy
 
     settings = config if config is not None else Settings.from_env()
     app = Flask(__name__)
@@ -17,6 +17,7 @@ def create_app(config: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     state.init_app(app, settings)
     errors.init_app(app)
+    tenancy.init_app(app, settings)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
     app.register_blueprint(batches.bp)

@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
 
-from api import idempotency, state
+from api import idempotency, state, tenancy
 from shared.batch_store import BatchStore, encode_result
 from shared.batches import Batch, batch_items, parse_batch
 from shared.errors import ValidationFailed
@@ -34,7 +34,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
     store = batch_store()
     earlier = idempotency.replayed_id("batch", fingerprint)
     if earlier is not None:
-        return _replayed(store.public(earlier))
+        return _replayed(store.public(earlier, tenancy.tenant()))
     parsed = parse_batch(body, request.content_type or "", query_options(), api.requests, api.settings.max_batch_lines)
     options: Any = parsed.options
     if options.callback_url and not api.settings.callback_secret:
@@ -45,14 +45,17 @@ def create() -> tuple[Response, int, dict[str, str]]:
         completion_window=options.completion_window,
         metadata=options.metadata,
         callback_url=options.callback_url,
+        tenant=tenancy.tenant(),
     )
     items = batch_items(parsed)
     try:
-        with idempotency.reserve("batch", batch.id, fingerprint, store.public):
+        with tenancy.outstanding(batch.total), idempotency.reserve(
+            "batch", batch.id, fingerprint, lambda batch_id: store.public(batch_id, tenancy.tenant())
+        ):
             store.create(batch, items)
     except idempotency.Replay as replay:
         return _replayed(replay.obj)  # type: ignore[arg-type]
-    return jsonify(store.public(batch.id)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
+    return jsonify(store.public(batch.id, batch.tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
 
 
 def _replayed(obj: dict[str, Any]) -> tuple[Response, int, dict[str, str]]:
@@ -82,20 +85,20 @@ def listing() -> dict[str, Any]:
         limit = 0
     if not 1 <= limit <= MAX_PAGE:
         raise ValidationFailed(f"limit must be an integer from 1 to {MAX_PAGE}")
-    data, has_more = batch_store().list(limit, request.args.get("after"))
+    data, has_more = batch_store().list(tenancy.tenant(), limit, request.args.get("after"))
     return {"object": "list", "data": data, "has_more": has_more}
 
 
 @bp.get("/<batch_id>")
 def read(batch_id: str) -> dict[str, Any]:
     """The batch with its request counts."""
-    return batch_store().public(batch_id)
+    return batch_store().public(batch_id, tenancy.tenant())
 
 
 @bp.post("/<batch_id>/cancel")
 def cancel(batch_id: str) -> dict[str, Any]:
     """Queued items become cancelled at once; running ones finish; results are kept."""
-    return batch_store().cancel(batch_id)
+    return batch_store().cancel(batch_id, tenancy.tenant())
 
 
 @bp.get("/<batch_id>/results")
@@ -107,6 +110,6 @@ def results(batch_id: str) -> Response:
     except ValueError:
         raise ValidationFailed(f"status must be one of {', '.join(s.value for s in JobStatus)}") from None
     store = batch_store()
-    store.get(batch_id)  # 404 before the stream starts
-    lines = (encode_result(result) for result in store.results(batch_id, wanted))
+    store.get(batch_id, tenancy.tenant())  # 404 before the stream starts
+    lines = (encode_result(result) for result in store.results(batch_id, wanted, tenancy.tenant()))
     return Response(stream_with_context(lines), mimetype="application/x-ndjson")

@@ -16,22 +16,28 @@ log = logging.getLogger(__name__)
 
 STATUS: dict[type[errors.RagqError], int] = {
     errors.BadRequest: 400,
+    errors.Unauthorized: 401,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
     errors.ValidationFailed: 422,
+    errors.TooManyRequests: 429,
     errors.Unavailable: 503,
 }
 RETRY_AFTER_S = 5
 
 
-def error_response(status: int, type_: str, message: str, details: Any = None) -> tuple[Response, int]:
+def error_response(
+    status: int, type_: str, message: str, details: Any = None, retry_after_s: int = RETRY_AFTER_S
+) -> tuple[Response, int]:
     body: dict[str, Any] = {"type": type_, "message": message}
     if details is not None:
         body["details"] = details
     response = jsonify(error=body)
-    if status == 503:
-        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status in (429, 503):
+        response.headers["Retry-After"] = str(retry_after_s)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="ragq"'
     return response, status
 
 
@@ -40,7 +46,8 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(errors.RagqError)
     def ragq_error(exc: errors.RagqError) -> tuple[Response, int]:
-        return error_response(STATUS.get(type(exc), 500), exc.type, exc.message, exc.details)
+        retry_after_s = exc.retry_after_s if isinstance(exc, errors.TooManyRequests) else RETRY_AFTER_S
+        return error_response(STATUS.get(type(exc), 500), exc.type, exc.message, exc.details, retry_after_s)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:
@@ -61,7 +68,8 @@ def init_app(app: Flask) -> None:
     def redis_refused(exc: redis.exceptions.ResponseError) -> tuple[Response, int]:
         # With maxmemory-policy noeviction a full Redis refuses writes with "OOM ..."; that is a
         # temporary capacity problem for the client, not a bug.
-        if isinstance(exc, redis.exceptions.OutOfMemoryError) or str(exc).startswith("OOM"):
+        # Inside a Lua script the same refusal arrives as a generic script error quoting it.
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc):
             log.warning("redis is full: %s", exc)
             return error_response(503, errors.Unavailable.type, "the job store (Redis) is full; retry later")
         log.exception("redis error")

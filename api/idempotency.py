@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from flask import request
 
-from api import state
+from api import state, tenancy
 from shared import keys
 from shared.errors import Conflict, NotFound, ValidationFailed
 
@@ -32,7 +32,9 @@ def _redis_key(kind: str) -> str | None:
         return None
     if not 1 <= len(key) <= MAX_KEY_CHARS:
         raise ValidationFailed(f"{HEADER} must be 1 to {MAX_KEY_CHARS} characters")
-    return keys.idempotency(kind, hashlib.sha256(key.encode()).hexdigest())
+    # Scoped by tenant: two tenants choosing the same key never see each other's objects.
+    scoped = f"{tenancy.tenant()}\0{key}"
+    return keys.idempotency(kind, hashlib.sha256(scoped.encode()).hexdigest())
 
 
 def replayed_id(kind: str, request_fingerprint: str) -> str | None:

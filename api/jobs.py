@@ -11,7 +11,7 @@ import pydantic
 import redis
 from flask import Blueprint, Response, jsonify, request, url_for
 
-from api import idempotency, state
+from api import idempotency, state, tenancy
 from shared.broker import enqueue
 from shared.config import MAX_WAIT_S
 from shared.errors import BadRequest, Conflict, NotFound, Unavailable, ValidationFailed
@@ -28,11 +28,11 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     fingerprint = idempotency.fingerprint(body)
     earlier = idempotency.replayed_id("job", fingerprint)
     if earlier is not None:
-        return _replayed(api.store.get(earlier).to_public())
+        return _replayed(owned_job(earlier).to_public())
     job_request = validate(api.requests.job, parse_json(body))
-    job = Job.new(job_request, api.settings.default_model.name)
+    job = Job.new(job_request, api.settings.default_model.name, tenant=tenancy.tenant())
     try:
-        with idempotency.reserve("job", job.id, fingerprint, lambda job_id: api.store.get(job_id).to_public()):
+        with tenancy.outstanding(1), idempotency.reserve("job", job.id, fingerprint, lambda job_id: owned_job(job_id).to_public()):
             store_and_enqueue(job)
     except idempotency.Replay as replay:
         return _replayed(replay.obj)  # type: ignore[arg-type]
@@ -64,7 +64,8 @@ def store_and_enqueue(job: Job) -> None:
 def read(job_id: str) -> dict[str, Any]:
     """The job; `?wait=N` blocks up to N seconds until it is finished."""
     wait_s = parse_wait(request.args.get("wait"))
-    job = state.get().store.wait_until_final(checked_id(job_id), wait_s)
+    owned_job(job_id)
+    job = state.get().store.wait_until_final(job_id, wait_s)
     return job.to_public()
 
 
@@ -72,7 +73,8 @@ def read(job_id: str) -> dict[str, Any]:
 def cancel(job_id: str) -> dict[str, Any]:
     """Cancel a queued or running job; 409 if it has already finished."""
     store = state.get().store
-    outcome = store.transition(checked_id(job_id), JobStatus.CANCELLED, finished_at=time.time())
+    owned_job(job_id)
+    outcome = store.transition(job_id, JobStatus.CANCELLED, finished_at=time.time())
     if outcome.previous is None:
         raise NotFound(f"no job with id {job_id!r}")
     if not outcome.applied:
@@ -118,6 +120,14 @@ def parse_wait(raw: str | None) -> float:
     if not 0 <= wait_s <= MAX_WAIT_S:
         raise ValidationFailed(f"wait must be a number of seconds between 0 and {MAX_WAIT_S}", details={"wait": raw})
     return wait_s
+
+
+def owned_job(job_id: str) -> Job:
+    """The job, if it belongs to the calling tenant; another tenant's job is as unknown as a missing one."""
+    job = state.get().store.get(checked_id(job_id))
+    if job.tenant != tenancy.tenant():
+        raise NotFound(f"no job with id {job_id!r}")
+    return job
 
 
 def checked_id(job_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from flask import Flask
@@ -9,6 +10,7 @@ from gunicorn.app.base import BaseApplication
 
 from api import create_app
 from shared.config import MAX_WAIT_S, Settings
+from shared.keyring import UNAUTHENTICATED_NOTICE, key_ring
 
 
 class GunicornServer(BaseApplication):  # type: ignore[misc]
@@ -28,6 +30,8 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
 def run(settings: Settings, processes: int = 1) -> None:
     """Serve the API on `settings.host:settings.port` until stopped."""
     app = create_app(settings)
+    if not key_ring(settings).enabled:
+        print(f"ragq api: {UNAUTHENTICATED_NOTICE}", file=sys.stderr, flush=True)
     options = {
         "bind": f"{settings.host}:{settings.port}",
         "workers": processes,

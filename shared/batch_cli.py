@@ -16,6 +16,8 @@ from typing import Any, TextIO
 
 import requests
 
+from shared.config import Settings
+
 # Request counts that say an item has ended; together they are the "done" of the progress bar.
 DONE_COUNTS = ("succeeded", "failed", "cancelled", "expired")
 ENDED_STATUSES = frozenset({"completed", "cancelled", "expired", "failed"})
@@ -301,7 +303,14 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
 # HTTP calls.
 
 
+def auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer $RAGQ_API_KEY` when a key is set (the API needs one once keys are configured)."""
+    key = Settings.from_env().api_key
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def _call(method: str, url: str, expected: Sequence[int] = (200,), **kwargs: Any) -> requests.Response:
+    kwargs["headers"] = {**auth_headers(), **kwargs.get("headers", {})}
     response = requests.request(method, url, timeout=HTTP_TIMEOUT_S, **kwargs)
     if response.status_code not in expected:
         raise ApiError(response)
@@ -449,7 +458,7 @@ def cmd_batch_results(args: argparse.Namespace) -> int:
     """`ragq batch results ID`: stream the results JSONL, bytes unchanged, to a file or stdout."""
     params = {"status": args.status} if args.status else None
     url = f"{args.url.rstrip('/')}/v1/batches/{args.batch_id}/results"
-    with requests.get(url, params=params, stream=True, timeout=HTTP_TIMEOUT_S) as response:
+    with requests.get(url, params=params, headers=auth_headers(), stream=True, timeout=HTTP_TIMEOUT_S) as response:
         if response.status_code != 200:
             raise ApiError(response)
         # Opened only now, so that a refused request leaves an existing file as it was.
@@ -491,7 +500,7 @@ def cmd_batch_list(args: argparse.Namespace) -> int:
 def fetch_results(base_url: str, batch_id: str) -> list[dict[str, Any]]:
     """Every result line of the batch, parsed."""
     url = f"{base_url}/v1/batches/{batch_id}/results"
-    with requests.get(url, stream=True, timeout=HTTP_TIMEOUT_S) as response:
+    with requests.get(url, headers=auth_headers(), stream=True, timeout=HTTP_TIMEOUT_S) as response:
         if response.status_code != 200:
             raise ApiError(response)
         return [json.loads(line) for line in response.iter_lines(chunk_size=RESULTS_CHUNK_BYTES) if line]

@@ -55,7 +55,7 @@ for _, item in ipairs(cjson.decode(ARGV[3])) do
   local id = item[1]
   local job = (string.gsub(ARGV[1], '{id}', id))
   redis.call('HSET', job, 'status', 'queued', 'id', cjson.encode(id), 'question', cjson.encode(item[2]),
-    'model', common.model, 'created_at', common.created_at, 'batch_id', common.batch_id,
+    'model', common.model, 'created_at', common.created_at, 'batch_id', common.batch_id, 'tenant', common.tenant,
     'custom_id', cjson.encode(item[6]))
   if item[3] ~= cjson.null then redis.call('HSET', job, 'course', cjson.encode(item[3])) end
   if item[4] ~= 5 then redis.call('HSET', job, 'top_k', item[4]) end
@@ -80,7 +80,8 @@ class BatchStore:
     def create(self, batch: Batch, items: list[list[Any]]) -> None:
         """Store the batch and its items (rows of `batches.batch_items`); the batch becomes visible (and fed)
         only once everything is written."""
-        common = json.dumps({"model": json.dumps(batch.model), "created_at": json.dumps(batch.created_at), "batch_id": json.dumps(batch.id)})
+        shared_fields = {"model": batch.model, "created_at": batch.created_at, "batch_id": batch.id, "tenant": batch.tenant}
+        common = json.dumps({name: json.dumps(value) for name, value in shared_fields.items()})
         job_key = keys.job("{id}")
         written: list[str] = []
         try:
@@ -93,7 +94,7 @@ class BatchStore:
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(keys.batch(batch.id), mapping=batch.to_redis())
             pipe.hset(keys.batch_counts(batch.id), mapping={name: 0 for name in COUNT_NAMES} | {"queued": len(items)})
-            pipe.zadd(keys.batches(), {batch.id: batch.created_at})
+            pipe.zadd(keys.tenant_batches(batch.tenant), {batch.id: batch.created_at})
             pipe.zadd(keys.batch_deadlines(), {batch.id: batch.expires_at})
             pipe.rpush(keys.active_batches(batch.model), batch.id)
             pipe.execute()
@@ -109,23 +110,24 @@ class BatchStore:
         except redis.RedisError:
             pass
 
-    def get(self, batch_id: str) -> tuple[Batch, dict[str, int]]:
-        """The batch and its counts, read together."""
+    def get(self, batch_id: str, tenant: str | None = None) -> tuple[Batch, dict[str, int]]:
+        """The batch and its counts, read together. Another tenant's batch is not found, as if it did not exist."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hgetall(keys.batch(batch_id))
         pipe.hgetall(keys.batch_counts(batch_id))
         fields, counts = pipe.execute()
-        if not fields:
+        batch = Batch.from_redis(fields) if fields else None
+        if batch is None or (tenant is not None and batch.tenant != tenant):
             raise NotFound(f"no batch with id {batch_id!r}")
-        return Batch.from_redis(fields), {k: int(v) for k, v in counts.items()}
+        return batch, {k: int(v) for k, v in counts.items()}
 
-    def public(self, batch_id: str) -> dict[str, Any]:
-        batch, counts = self.get(batch_id)
+    def public(self, batch_id: str, tenant: str | None = None) -> dict[str, Any]:
+        batch, counts = self.get(batch_id, tenant)
         return batch.to_public(counts)
 
-    def list(self, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
-        """Batches newest first, `limit` of them, starting after the batch `after`."""
-        index = keys.batches()
+    def list(self, tenant: str, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """The tenant's batches newest first, `limit` of them, starting after the batch `after`."""
+        index = keys.tenant_batches(tenant)
         start = 0
         if after is not None:
             rank = self.redis.zrevrank(index, after)
@@ -142,8 +144,9 @@ class BatchStore:
                 self.redis.zrem(index, batch_id)
         return page, len(ids) > limit
 
-    def cancel(self, batch_id: str) -> dict[str, Any]:
+    def cancel(self, batch_id: str, tenant: str | None = None) -> dict[str, Any]:
         """Stop feeding the batch and cancel its queued items at once; running items finish."""
+        self.get(batch_id, tenant)
         found = self.jobs.set_batch_status(batch_id, BatchStatus.CANCELLING.value, [BatchStatus.IN_PROGRESS.value])
         if found is None:
             raise NotFound(f"no batch with id {batch_id!r}")
@@ -187,9 +190,9 @@ class BatchStore:
             yield ids
             start += CHUNK
 
-    def results(self, batch_id: str, status: JobStatus | None = None) -> Iterator[dict[str, Any]]:
+    def results(self, batch_id: str, status: JobStatus | None = None, tenant: str | None = None) -> Iterator[dict[str, Any]]:
         """One result per item in input order (optionally only items with `status`), as they stand now."""
-        self.get(batch_id)
+        self.get(batch_id, tenant)
         for ids in self.job_ids(batch_id):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:

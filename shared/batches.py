@@ -17,6 +17,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel
 
+from shared.keyring import LOCAL_TENANT
 from shared.errors import PayloadTooLarge, ValidationFailed
 from shared.jobs import JobRequestBase, RequestModels, iso
 
@@ -67,9 +68,18 @@ class Batch:
     completed_at: float | None = None
     cancelled_at: float | None = None
     expired_at: float | None = None
+    tenant: str = LOCAL_TENANT
 
     @classmethod
-    def new(cls, model: str, total: int, completion_window: str, metadata: dict[str, str] | None, callback_url: str | None) -> Batch:
+    def new(
+        cls,
+        model: str,
+        total: int,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+        callback_url: str | None,
+        tenant: str = LOCAL_TENANT,
+    ) -> Batch:
         now = time.time()
         return cls(
             id=f"batch_{uuid.uuid4().hex}",
@@ -82,6 +92,7 @@ class Batch:
             completion_window=completion_window,
             metadata=metadata,
             callback_url=callback_url,
+            tenant=tenant,
         )
 
     def to_redis(self) -> dict[str, str]:
@@ -99,6 +110,7 @@ class Batch:
         """The batch as the API returns it; `request_counts` always add up to `total`."""
         data = asdict(self)
         total = data.pop("total")
+        del data["tenant"]
         for name in ("created_at", "expires_at", "in_progress_at", "completed_at", "cancelled_at", "expired_at"):
             data[name] = iso(data[name])
         data["status"] = self.status.value

@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from shared.batch_cli import add_batch_commands
+from shared.batch_cli import add_batch_commands, auth_headers
 from shared.config import MAX_WAIT_S, Settings
 from shared.errors import RagqError
 
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=600, help="seconds to wait for the answer (default 600)")
     ask.set_defaults(func=cmd_ask)
     add_batch_commands(commands)
+
+    keys_command = commands.add_parser("keys", help="Manage API keys.")
+    keys_commands = keys_command.add_subparsers(required=True, metavar="ACTION")
+    create = keys_commands.add_parser("create", help="Create a key for TENANT: print it once, store only its hash.")
+    create.add_argument("tenant")
+    create.add_argument("--file", help="keys file (default RAGQ_API_KEYS_FILE, else RAGQ_DATA_DIR/api-keys)")
+    create.set_defaults(func=cmd_keys_create)
     return parser
 
 
@@ -113,14 +120,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
             body[name] = getattr(args, name)
     url = args.url.rstrip("/")
     try:
-        response = requests.post(f"{url}/v1/jobs", json=body, timeout=30)
+        headers = auth_headers()
+        response = requests.post(f"{url}/v1/jobs", json=body, headers=headers, timeout=30)
         if response.status_code != 202:
             return _print_error(response)
         job = response.json()
         deadline = time.monotonic() + args.timeout
         while job["status"] in ("queued", "running") and time.monotonic() < deadline:
             wait_s = max(1, min(MAX_WAIT_S, int(deadline - time.monotonic())))
-            response = requests.get(f"{url}/v1/jobs/{job['id']}", params={"wait": wait_s}, timeout=wait_s + 30)
+            response = requests.get(f"{url}/v1/jobs/{job['id']}", params={"wait": wait_s}, headers=headers, timeout=wait_s + 30)
             if response.status_code != 200:
                 return _print_error(response)
             job = response.json()
@@ -161,6 +169,21 @@ def _print_job(job: dict[str, Any]) -> None:
         for rank, source in enumerate(job["sources"], 1):
             print(f"  {rank}. [{source['id']}] {source['course']} / {source['section']} / {source['question']}")
     print(f"\nmodel: {job.get('served_by') or job['model']}  job: {job['id']}")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shared.keyring import add_key
+
+    settings = Settings.from_env()
+    path = Path(args.file) if args.file else settings.api_keys_file or settings.data_dir / "api-keys"
+    key = add_key(path, args.tenant)
+    print(key)
+    print(f"ragq: key for tenant {args.tenant!r} created; only its SHA-256 is in {path}. It is not shown again.", file=sys.stderr)
+    if settings.api_keys_file is None or Path(settings.api_keys_file) != path:
+        print(f"ragq: serve with RAGQ_API_KEYS_FILE={path}", file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

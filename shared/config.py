@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.keyring import parse_env_keys
 from shared.models import ModelSpec, parse_model_list, parse_model_spec
 
 ENV_PREFIX = "RAGQ_"
@@ -22,8 +23,11 @@ HARD_MAX_NEW_TOKENS = 4096
 HARD_MAX_QUESTION_CHARS = 20_000
 
 
-def _setting(env: str, default: Any, help: str, *, lo: float | None = None, hi: float | None = None) -> Any:
-    return field(default=default, metadata={"env": env, "help": help, "lo": lo, "hi": hi})
+def _setting(
+    env: str, default: Any, help: str, *, lo: float | None = None, hi: float | None = None, secret: bool = False
+) -> Any:
+    # Secrets stay out of repr(), so a logged or printed Settings never shows them.
+    return field(default=default, repr=not secret, metadata={"env": env, "help": help, "lo": lo, "hi": hi})
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Settings:
     """Every setting of ragq. Build it with `Settings.from_env()`; tests build it directly."""
 
     redis_url: str | None = _setting(
-        "REDIS_URL", None, "Redis for broker and job store. `ragq serve` starts an embedded one when unset."
+        "REDIS_URL", None, "Redis for broker and job store. `ragq serve` starts an embedded one when unset.", secret=True
     )
     default_model: ModelSpec = _setting(
         "RAGQ_MODEL", ModelSpec.parse("flan-t5-base"), "Default model: alias, Hugging Face id or local directory."
@@ -98,7 +102,22 @@ class Settings:
         "RAGQ_MAX_BATCH_BYTES", 200 * 1024 * 1024, "Largest batch file.", lo=1024, hi=4 * 1024 * 1024 * 1024
     )
     callback_secret: str | None = _setting(
-        "RAGQ_CALLBACK_SECRET", None, "HMAC-SHA256 key signing batch callbacks. Unset: `callback_url` is refused."
+        "RAGQ_CALLBACK_SECRET", None, "HMAC-SHA256 key signing batch callbacks. Unset: `callback_url` is refused.", secret=True
+    )
+    api_keys: str | None = _setting(
+        "RAGQ_API_KEYS", None, "API keys as `tenant:key,...` (for development; prefer a keys file).", secret=True
+    )
+    api_keys_file: Path | None = _setting(
+        "RAGQ_API_KEYS_FILE", None, "File of `tenant sha256-of-key` lines, written by `ragq keys create`; re-read when it changes."
+    )
+    api_key: str | None = _setting(
+        "RAGQ_API_KEY", None, "Key the `ragq` command-line client sends (`Authorization: Bearer`).", secret=True
+    )
+    max_outstanding_jobs: int = _setting(
+        "RAGQ_MAX_OUTSTANDING_JOBS", 1_000_000, "Queued and running jobs (batch items included) per tenant at most; then 429.", lo=1, hi=1_000_000_000
+    )
+    rate_limit_per_min: int = _setting(
+        "RAGQ_RATE_LIMIT_PER_MIN", 12_000, "`/v1` requests per tenant per minute at most; then 429.", lo=1, hi=1_000_000_000
     )
     fallback_tiny_model: bool = _setting(
         "RAGQ_FALLBACK_TINY_MODEL", False, "Serve a tiny local model when the configured one cannot be had."
@@ -115,6 +134,11 @@ class Settings:
         names = [m.name for m in self.served_models]
         if len(set(names)) != len(names):
             raise ConfigError(f"RAGQ_MODELS repeats a model name: {', '.join(names)}")
+        if self.api_keys is not None:
+            try:
+                parse_env_keys(self.api_keys)
+            except ConfigError as exc:
+                raise ConfigError(f"RAGQ_API_KEYS: {exc.message}") from None
         if self.worker_model is not None and self.worker_model not in names:
             raise ConfigError(f"RAGQ_WORKER_MODEL {self.worker_model!r} is not served; served: {', '.join(names)}")
 
@@ -206,6 +230,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "extra_models": parse_model_list,
     "data_dir": Path,
     "execution_ledger": Path,
+    "api_keys_file": Path,
+    "api_keys": lambda raw: (parse_env_keys(raw), raw)[1],
 }
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},

@@ -34,6 +34,22 @@ class ValidationFailed(RagqError):
     type = "validation_error"
 
 
+class Unauthorized(RagqError):
+    """No API key, or one that names no tenant."""
+
+    type = "unauthorized"
+
+
+class TooManyRequests(RagqError):
+    """A tenant's quota (outstanding jobs) or request rate is used up; retry after `retry_after_s`."""
+
+    type = "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int, details: Any = None) -> None:
+        super().__init__(message, details)
+        self.retry_after_s = retry_after_s
+
+
 class NotFound(RagqError):
     """No job with this id exists (or it has expired)."""
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from shared.keyring import LOCAL_TENANT
 from shared.config import MAX_NUM_BEAMS, MAX_TOP_K, Settings
 
 
@@ -159,6 +160,7 @@ class Job:
     attempts: int = 0
     batch_id: str | None = None
     custom_id: str | None = None
+    tenant: str = LOCAL_TENANT
 
     @classmethod
     def new(cls, request: JobRequestBase, default_model: str, **extra: Any) -> Job:

@@ -55,11 +55,6 @@ def batch_events(batch_id: str) -> str:
     return f"{PREFIX}:batch:{batch_id}:events"
 
 
-def batches() -> str:
-    """Sorted set of all batch ids by creation time (for listing, newest first)."""
-    return f"{PREFIX}:batches"
-
-
 def active_batches(model_name: str) -> str:
     """List of a model's batches with items still pending; the feeder rotates through it round-robin."""
     return f"{PREFIX}:batches:active:{model_name}"
@@ -119,3 +114,18 @@ def broker_unacked() -> str:
 def broker_unacked_index() -> str:
     """Kombu's sorted set of the delivery times of the messages in `broker_unacked`."""
     return "unacked_index"
+
+
+def tenant_outstanding(tenant: str) -> str:
+    """Count of a tenant's queued and running jobs: reserved by the API, released by the final transition."""
+    return f"{PREFIX}:tenant:{tenant}:outstanding"
+
+
+def tenant_rate(tenant: str, minute: int) -> str:
+    """Requests of a tenant in one minute (Unix time // 60); expires after two."""
+    return f"{PREFIX}:tenant:{tenant}:rate:{minute}"
+
+
+def tenant_batches(tenant: str) -> str:
+    """Sorted set of a tenant's batch ids by creation time: `GET /v1/batches`."""
+    return f"{PREFIX}:tenant:{tenant}:batches"

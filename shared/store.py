@@ -17,6 +17,7 @@ import redis
 
 from shared import keys
 from shared.errors import NotFound
+from shared.keyring import LOCAL_TENANT
 from shared.jobs import Job, JobStatus, allowed_sources
 
 TEMPLATES = json.dumps(
@@ -30,6 +31,8 @@ TEMPLATES = json.dumps(
         "worker_jobs": keys.worker_jobs("{id}"),
         "with_jobs": keys.workers_with_jobs(),
         "sent": keys.sent("{id}"),
+        "outstanding": keys.tenant_outstanding("{id}"),
+        "local_tenant": LOCAL_TENANT,
     }
 )
 
@@ -87,6 +90,12 @@ local function transition(job_key, target, allowed, fields)
     end
   end
   if FINAL[target] then redis.call('EXPIRE', job_key, RESULT_TTL) end
+  if FINAL[target] and not FINAL[current] then
+    -- The job no longer counts against its tenant's quota of outstanding jobs.
+    local raw_tenant = redis.call('HGET', job_key, 'tenant')
+    local tenant = raw_tenant and cjson.decode(raw_tenant) or T['local_tenant']
+    if redis.call('DECR', key('outstanding', tenant)) <= 0 then redis.call('DEL', key('outstanding', tenant)) end
+  end
   redis.call('PUBLISH', job_key .. ':events', target)
   local batch = redis.call('HGET', job_key, 'batch_id')
   if batch and current ~= target then
@@ -141,6 +150,22 @@ return current
 """
 
 
+# KEYS[1] the tenant's outstanding count; ARGV: jobs to add, cap. Returns 1 and adds them if they fit under the cap.
+_RESERVE_LUA = """
+local after = redis.call('INCRBY', KEYS[1], tonumber(ARGV[1]))
+if after > tonumber(ARGV[2]) then
+  redis.call('DECRBY', KEYS[1], tonumber(ARGV[1]))
+  return 0
+end
+return 1
+"""
+
+# KEYS[1] the tenant's outstanding count; ARGV[1] jobs never stored after all. An idle tenant leaves no key.
+_RELEASE_LUA = """
+if redis.call('DECRBY', KEYS[1], tonumber(ARGV[1])) <= 0 then redis.call('DEL', KEYS[1]) end
+"""
+
+
 @dataclass(frozen=True)
 class Transition:
     """Outcome of a transition attempt: whether it happened, and the status found before it."""
@@ -176,6 +201,18 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION_LUA)
         self._bulk_transition = client.register_script(_BULK_TRANSITION_LUA)
         self._batch_status = client.register_script(_BATCH_STATUS_LUA)
+        self._reserve = client.register_script(_RESERVE_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+
+    def reserve(self, tenant: str, jobs: int, cap: int) -> bool:
+        """Count `jobs` new jobs against the tenant's outstanding quota, if they fit under `cap`.
+
+        Each job's final transition gives its place back; `release` gives back jobs that were never stored.
+        """
+        return bool(self._reserve(keys=[keys.tenant_outstanding(tenant)], args=[jobs, cap]))
+
+    def release(self, tenant: str, jobs: int) -> None:
+        self._release(keys=[keys.tenant_outstanding(tenant)], args=[jobs])
 
     def create(self, job: Job) -> None:
         """Store a new queued job (no TTL until it finishes)."""

@@ -18,6 +18,7 @@ import requests
 
 from shared.config import Settings
 from shared.errors import ConfigError
+from shared.keyring import UNAUTHENTICATED_NOTICE, check_exposure, key_ring
 from shared.redis_server import EmbeddedRedis, start_redis
 from shared.store import ready_workers
 
@@ -53,6 +54,8 @@ class Supervisor:
         self.stop_requested = True
 
     def _serve(self) -> int:
+        ring = key_ring(self.settings)
+        check_exposure(self.settings, ring)
         env = self._child_env()
         if env is None:
             return 2
@@ -69,6 +72,8 @@ class Supervisor:
             f"Redis {'embedded' if self.redis else 'from REDIS_URL'}; Ctrl-C stops)",
             flush=True,
         )
+        if not ring.enabled:
+            print(f"ragq: {UNAUTHENTICATED_NOTICE}", flush=True)
         while not self.stop_requested:
             if not self._restart_dead_children(env):
                 return 1

@@ -14,6 +14,7 @@ from shared.config import Settings
 from shared.jobs import JobStatus
 from shared.models import ModelSpec
 from shared.store import JobStore
+from tests.helpers import data_keys
 
 VALID = {"question": "How do I add more workers?"}
 
@@ -92,7 +93,7 @@ def test_invalid_fields_get_422_naming_the_field_and_store_nothing(
     error = response.get_json()["error"]
     assert error["type"] == "validation_error"
     assert field in [d["field"] for d in error["details"]]
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == set()
 
 
 def test_unknown_model_error_lists_served_models(client: FlaskClient) -> None:
@@ -120,7 +121,7 @@ def test_malformed_json_is_400(client: FlaskClient, redis_client: redis.Redis) -
     response = client.post("/v1/jobs", data="{bad", content_type="application/json")
     assert response.status_code == 400
     assert response.get_json()["error"]["type"] == "bad_request"
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == set()
 
 
 def test_non_json_content_type_is_400(client: FlaskClient) -> None:
@@ -136,7 +137,7 @@ def test_body_too_large_is_413(client: FlaskClient, redis_client: redis.Redis) -
     response = client.post("/v1/jobs", data='{"question": "' + "x" * 70_000 + '"}', content_type="application/json")
     assert response.status_code == 413
     assert response.get_json()["error"]["type"] == "payload_too_large"
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == set()
 
 
 @pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid", "../../etc"])
@@ -253,13 +254,13 @@ def test_full_redis_gives_503_and_stores_nothing(client: FlaskClient, redis_clie
     # Any limit below what Redis already uses makes every write fail with OOM under noeviction.
     redis_client.config_set("maxmemory", 1)
     try:
-        keys_before = set(redis_client.keys("*"))
+        keys_before = data_keys(redis_client)
         for _ in range(3):
             response = client.post("/v1/jobs", json={"question": "Is there room?"})
             assert response.status_code == 503
             error = response.get_json()["error"]
             assert error["type"] == "unavailable" and "(Redis)" in error["message"]
             assert response.headers["Retry-After"]
-        assert set(redis_client.keys("*")) == keys_before
+        assert data_keys(redis_client) == keys_before
     finally:
         redis_client.config_set("maxmemory", 0)

@@ -21,7 +21,7 @@ from shared.batches import Batch
 from shared.config import Settings
 from shared.store import JobStore
 from shared.redis_server import free_port
-from tests.helpers import WorkerProcess
+from tests.helpers import WorkerProcess, data_keys
 
 QUESTIONS = ["How do I add more workers?", "What does ragq serve start?", "How are errors reported?", "How do I cancel a job?"]
 FAST = {"max_new_tokens": 2, "num_beams": 1}
@@ -117,7 +117,7 @@ def test_bad_file_is_refused_with_line_numbers_and_nothing_is_created(client: Fl
             json.dumps({"custom_id": "d", "question": "x", "model": "tiny-t5"}).encode(),
         ]
     )
-    keys_before = set(redis_client.keys("*"))
+    keys_before = data_keys(redis_client)
     response = submit(client, body)
     assert response.status_code == 422
     error = response.get_json()["error"]
@@ -125,7 +125,7 @@ def test_bad_file_is_refused_with_line_numbers_and_nothing_is_created(client: Fl
     assert "question" in error["details"][0]["message"]
     assert "duplicate custom_id 'a' (first on line 1)" in error["details"][2]["message"]
     assert "top_k" in error["details"][3]["message"]
-    assert set(redis_client.keys("*")) == keys_before
+    assert data_keys(redis_client) == keys_before
 
 
 @pytest.mark.parametrize(
@@ -145,11 +145,11 @@ def test_bad_file_is_refused_with_line_numbers_and_nothing_is_created(client: Fl
     ],
 )
 def test_invalid_batches_are_422(client: FlaskClient, redis_client: redis.Redis, body: bytes, content_type: str, query: str) -> None:
-    keys_before = set(redis_client.keys("*"))
+    keys_before = data_keys(redis_client)
     response = submit(client, body, content_type, query)
     assert response.status_code == 422, response.get_json()
     assert response.get_json()["error"]["type"] == "validation_error"
-    assert set(redis_client.keys("*")) == keys_before
+    assert data_keys(redis_client) == keys_before
 
 
 def test_too_many_lines_or_bytes_is_413(settings: Settings, redis_client: redis.Redis) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ def compose_config(*args: str, env: dict[str, str] | None = None) -> subprocess.
         capture_output=True,
         text=True,
         timeout=60,
-        env=env,
+        env={"PATH": os.environ.get("PATH", ""), "REDIS_PASSWORD": "compose-test-password"} if env is None else env,
         cwd=ROOT,
     )
 
@@ -56,14 +57,14 @@ def test_worker_reserves_a_gpu_and_caches_models(config: dict[str, Any]) -> None
 def test_services_share_redis_and_model_settings(config: dict[str, Any]) -> None:
     for name in ("api", "worker"):
         env = config["services"][name]["environment"]
-        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["REDIS_URL"] == "redis://:compose-test-password@redis:6379/0"
         assert env["RAGQ_MODEL"] == "flan-t5-base"
 
 
 def test_model_comes_from_the_environment() -> None:
     import os
 
-    result = compose_config("--format", "json", env={**os.environ, "RAGQ_MODEL": "phi-3-mini-4k"})
+    result = compose_config("--format", "json", env={**os.environ, "REDIS_PASSWORD": "p", "RAGQ_MODEL": "phi-3-mini-4k"})
     services = json.loads(result.stdout)["services"]
     assert services["worker"]["environment"]["RAGQ_MODEL"] == "phi-3-mini-4k"
 
@@ -74,3 +75,12 @@ def test_every_ragq_variable_in_compose_is_a_known_setting(config: dict[str, Any
     known = {row[0] for row in Settings.documented()}
     used = {k for service in config["services"].values() for k in service.get("environment", {}) if k.startswith("RAGQ_")}
     assert used <= known
+
+
+def test_redis_needs_a_password_and_the_public_api_needs_keys(config: dict[str, Any]) -> None:
+    command = config["services"]["redis"]["command"]
+    assert command[command.index("--requirepass") + 1] == "compose-test-password"
+    assert config["services"]["api"]["environment"]["RAGQ_API_KEYS_FILE"] == "/data/ragq/api-keys"
+    # Without a password the file does not even load.
+    result = compose_config("--quiet", env={"PATH": os.environ.get("PATH", "")})
+    assert result.returncode != 0 and "REDIS_PASSWORD" in result.stderr

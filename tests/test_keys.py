@@ -23,7 +23,6 @@ def test_batch_key_formats() -> None:
     assert keys.batch_jobs("b1") == "ragq:batch:b1:jobs"
     assert keys.batch_pending("b1") == "ragq:batch:b1:pending"
     assert keys.batch_events("b1") == "ragq:batch:b1:events"
-    assert keys.batches() == "ragq:batches"
     assert keys.active_batches("m") == "ragq:batches:active:m"
     assert keys.feed_inflight("m") == "ragq:feed:m:inflight"
     assert keys.callbacks() == "ragq:callbacks"
@@ -52,3 +51,9 @@ def test_message_audit_key_formats() -> None:
     # Kombu's own names: the audit reads them, so a Kombu option that renames them would break it.
     assert keys.broker_unacked() == "unacked"
     assert keys.broker_unacked_index() == "unacked_index"
+
+
+def test_tenant_key_formats() -> None:
+    assert keys.tenant_outstanding("acme") == "ragq:tenant:acme:outstanding"
+    assert keys.tenant_rate("acme", 29_000_000) == "ragq:tenant:acme:rate:29000000"
+    assert keys.tenant_batches("acme") == "ragq:tenant:acme:batches"

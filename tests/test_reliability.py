@@ -214,3 +214,37 @@ def test_message_audit_takes_back_a_delivery_that_was_never_claimed(
 
 def job_of(payload: str) -> str:
     return json.loads(payload)["headers"]["argsrepr"].strip("[]'")
+
+
+def test_sigterm_lets_the_running_batch_finish_and_leaves_the_rest_queued(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Scale-in and deploys stop workers with SIGTERM: Celery's warm shutdown must not lose or repeat work.
+    first = start_worker(settings, "tiny-t5-chaos", redis_client)
+    try:
+        jobs = [
+            client.post("/v1/jobs", json={"question": f"How do I deploy? {i}", "model": "tiny-t5-chaos", "params": SLOW}).get_json()
+            for i in range(40)
+        ]
+        deadline = time.monotonic() + 30
+        while not any(client.get(f"/v1/jobs/{j['id']}").get_json()["status"] == "running" for j in jobs):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        running = {j["id"] for j in jobs if client.get(f"/v1/jobs/{j['id']}").get_json()["status"] == "running"}
+        first.process.send_signal(signal.SIGTERM)
+        first.process.wait(120)
+        assert first.process.returncode == 0, first.log()
+    finally:
+        first.stop()
+    after_stop = {j["id"]: client.get(f"/v1/jobs/{j['id']}").get_json() for j in jobs}
+    # What was running finished under the stopping worker; nothing is left claimed by it.
+    assert all(after_stop[j]["status"] == "succeeded" and after_stop[j]["attempts"] == 1 for j in running)
+    assert {j["status"] for j in after_stop.values()} <= {"succeeded", "queued"}
+    assert any(j["status"] == "queued" for j in after_stop.values()), "the test needs work left over"
+    second = start_worker(settings, "tiny-t5-chaos", redis_client)
+    try:
+        done = [client.get(f"/v1/jobs/{j['id']}?wait=60").get_json() for j in jobs]
+        assert [j["status"] for j in done] == ["succeeded"] * len(jobs)
+        assert max(j["attempts"] for j in done) == 1
+    finally:
+        second.stop()

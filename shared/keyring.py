@@ -1,0 +1,151 @@
+"""API keys and the tenants they name. Only SHA-256 hashes of keys are kept, in memory and in the keys file."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shared.config import Settings
+
+# The tenant of every request when no keys are configured (loopback-only, unauthenticated).
+LOCAL_TENANT = "local"
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MIN_KEY_CHARS = 16
+KEY_PREFIX = "rq_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    """A new random key: 256 bits, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def check_tenant(tenant: str) -> str:
+    if not TENANT_PATTERN.fullmatch(tenant):
+        raise ConfigError(f"tenant name {tenant!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return tenant
+
+
+def parse_env_keys(raw: str) -> list[tuple[str, str]]:
+    """`tenant:key,...` as (tenant, key hash) pairs; the keys themselves are not kept."""
+    entries = []
+    for item in raw.split(","):
+        tenant, sep, key = item.strip().partition(":")
+        if not sep or not key:
+            raise ConfigError("expected `tenant:key,...`")
+        if len(key) < MIN_KEY_CHARS:
+            raise ConfigError(f"the key of tenant {tenant!r} is shorter than {MIN_KEY_CHARS} characters")
+        entries.append((check_tenant(tenant), hash_key(key)))
+    return entries
+
+
+def read_keys_file(path: Path) -> list[tuple[str, str]]:
+    """The `tenant sha256-hex` lines of a keys file (blank lines and `#` comments skipped)."""
+    entries = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"RAGQ_API_KEYS_FILE cannot be read: {exc}") from exc
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not re.fullmatch(r"[0-9a-f]{64}", parts[1]):
+            raise ConfigError(f"{path}:{number}: expected `tenant sha256-hex-of-key`")
+        entries.append((check_tenant(parts[0]), parts[1]))
+    return entries
+
+
+def add_key(path: Path, tenant: str) -> str:
+    """Create a key for `tenant`, append its hash to the keys file (created mode 0600); returns the key."""
+    check_tenant(tenant)
+    key = new_key()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as keys_file:
+        keys_file.write(f"{tenant} {hash_key(key)}\n")
+    return key
+
+
+@dataclass
+class KeyRing:
+    """The configured keys: from `RAGQ_API_KEYS` and the keys file, which is read again when it changes."""
+
+    env_entries: list[tuple[str, str]]
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._file_entries: list[tuple[str, str]] = []
+        self._stamp: tuple[float, int] | None = None
+        self._reload()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any key is configured (a keys file counts even while empty: keys may be added to it)."""
+        return bool(self.env_entries) or self.path is not None
+
+    def tenant_for(self, key: str) -> str | None:
+        """The tenant whose key this is, or None. Compares with every entry in constant time, no early exit."""
+        self._reload()
+        digest = hash_key(key)
+        found = None
+        for tenant, expected in self.env_entries + self._file_entries:
+            if hmac.compare_digest(digest, expected):
+                found = tenant
+        return found
+
+    def _reload(self) -> None:
+        if self.path is None:
+            return
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            raise ConfigError(f"RAGQ_API_KEYS_FILE {self.path} does not exist; create it with `ragq keys create TENANT`") from None
+        stamp = (stat.st_mtime, stat.st_size)
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            self._file_entries = read_keys_file(self.path)
+            self._stamp = stamp
+
+
+def key_ring(settings: Settings) -> KeyRing:
+    return KeyRing(parse_env_keys(settings.api_keys) if settings.api_keys else [], settings.api_keys_file)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings, ring: KeyRing) -> None:
+    """Without keys, anyone who can reach the API could use it: allow that on loopback only."""
+    if not ring.enabled and not is_loopback(settings.host):
+        raise ConfigError(
+            f"no API keys are configured, so the API serves only on loopback and will not listen on {settings.host}; "
+            "set RAGQ_API_KEYS_FILE (see `ragq keys create`) or RAGQ_API_KEYS"
+        )
+
+
+UNAUTHENTICATED_NOTICE = "no API keys configured: serving without authentication, on loopback only (see `ragq keys create`)"

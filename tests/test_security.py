@@ -1,0 +1,161 @@
+"""API keys, tenant isolation and quotas, through the real API on a real Redis."""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+from pathlib import Path
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from api import create_app
+from shared import keys
+from shared.cli import main as ragq
+from shared.config import Settings
+from shared.errors import ConfigError
+from shared.jobs import JobStatus
+from shared.keyring import KeyRing, hash_key, read_keys_file
+from shared.store import JobStore
+
+ACME_KEY = "acme-key-0123456789abcdef"
+BETA_KEY = "beta-key-0123456789abcdef"
+ACME = {"Authorization": f"Bearer {ACME_KEY}"}
+BETA = {"Authorization": f"Bearer {BETA_KEY}"}
+# No worker serves this model, so jobs stay queued while a test looks at them.
+JOB = {"question": "How do I cancel a job?", "course": "ragq", "model": "unserved", "params": {"max_new_tokens": 2}}
+
+
+def keyed_client(settings: Settings, **changes: object) -> FlaskClient:
+    configured = dataclasses.replace(settings, api_keys=f"acme:{ACME_KEY},beta:{BETA_KEY}", **changes)  # type: ignore[arg-type]
+    return create_app(configured).test_client()
+
+
+@pytest.fixture
+def keyed(settings: Settings, redis_client: redis.Redis) -> FlaskClient:
+    return keyed_client(settings)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": ACME_KEY}])
+def test_v1_routes_need_a_valid_bearer_key(keyed: FlaskClient, headers: dict[str, str], redis_client: redis.Redis) -> None:
+    for method, path in (("post", "/v1/jobs"), ("get", "/v1/batches"), ("get", "/v1/jobs/00000000-0000-4000-8000-000000000000")):
+        response = getattr(keyed, method)(path, json=JOB, headers=headers)
+        assert response.status_code == 401, (method, path)
+        assert response.get_json()["error"]["type"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert redis_client.dbsize() == 0
+
+
+def test_health_and_openapi_need_no_key(keyed: FlaskClient) -> None:
+    for path in ("/healthz", "/readyz", "/openapi.json"):
+        assert keyed.get(path).status_code == 200, path
+
+
+def test_another_tenants_job_is_not_found(keyed: FlaskClient, store: JobStore) -> None:
+    job = keyed.post("/v1/jobs", json=JOB, headers=ACME).get_json()
+    assert keyed.get(f"/v1/jobs/{job['id']}", headers=ACME).status_code == 200
+    for method in ("get", "delete"):
+        response = getattr(keyed, method)(f"/v1/jobs/{job['id']}", headers=BETA)
+        assert response.status_code == 404
+        assert job["question"] not in response.get_data(as_text=True)
+    # Beta's cancel attempt changed nothing.
+    assert store.get(job["id"]).status is JobStatus.QUEUED
+    assert store.get(job["id"]).tenant == "acme"
+
+
+def test_another_tenants_batch_is_not_found_nor_listed(keyed: FlaskClient) -> None:
+    body = '{"custom_id": "a", "question": "q1"}\n{"custom_id": "b", "question": "q2"}\n'
+    headers = {**ACME, "Content-Type": "application/x-ndjson"}
+    batch = keyed.post("/v1/batches?model=unserved", data=body, headers=headers).get_json()
+    assert keyed.get("/v1/batches", headers=ACME).get_json()["data"][0]["id"] == batch["id"]
+    assert keyed.get("/v1/batches", headers=BETA).get_json()["data"] == []
+    for method, path in (
+        ("get", f"/v1/batches/{batch['id']}"),
+        ("post", f"/v1/batches/{batch['id']}/cancel"),
+        ("get", f"/v1/batches/{batch['id']}/results"),
+        ("get", f"/v1/batches?after={batch['id']}"),
+    ):
+        assert getattr(keyed, method)(path, headers=BETA).status_code == 404, path
+    # The items are acme's jobs too.
+    item = keyed.get(f"/v1/batches/{batch['id']}/results", headers=ACME).get_data(as_text=True).splitlines()[0]
+    job_id = __import__("json").loads(item)["job_id"]
+    assert keyed.get(f"/v1/jobs/{job_id}", headers=BETA).status_code == 404
+    assert keyed.get(f"/v1/jobs/{job_id}", headers=ACME).status_code == 200
+
+
+def test_idempotency_keys_are_per_tenant(keyed: FlaskClient) -> None:
+    first = keyed.post("/v1/jobs", json=JOB, headers={**ACME, "Idempotency-Key": "k1"})
+    other = keyed.post("/v1/jobs", json=JOB, headers={**BETA, "Idempotency-Key": "k1"})
+    assert first.status_code == other.status_code == 202
+    assert first.get_json()["id"] != other.get_json()["id"]
+    again = keyed.post("/v1/jobs", json=JOB, headers={**ACME, "Idempotency-Key": "k1"})
+    assert again.status_code == 200 and again.get_json()["id"] == first.get_json()["id"]
+
+
+def test_outstanding_jobs_quota_gives_429_until_jobs_finish(settings: Settings, redis_client: redis.Redis, store: JobStore) -> None:
+    client = keyed_client(settings, max_outstanding_jobs=3)
+    ids = [client.post("/v1/jobs", json=JOB, headers=ACME).get_json()["id"] for _ in range(3)]
+    refused = client.post("/v1/jobs", json=JOB, headers=ACME)
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["type"] == "too_many_requests"
+    assert int(refused.headers["Retry-After"]) > 0
+    # A batch that does not fit is refused whole, and nothing of it is stored.
+    before = redis_client.dbsize()
+    batch = client.post("/v1/batches?model=unserved", data='{"custom_id": "1", "question": "q"}\n', headers={**ACME, "Content-Type": "application/x-ndjson"})
+    assert batch.status_code == 429
+    assert redis_client.dbsize() == before
+    # Other tenants have their own quota.
+    assert client.post("/v1/jobs", json=JOB, headers=BETA).status_code == 202
+    # A finished (here: cancelled) job gives its place back.
+    assert client.delete(f"/v1/jobs/{ids[0]}", headers=ACME).status_code == 200
+    assert client.post("/v1/jobs", json=JOB, headers=ACME).status_code == 202
+    assert int(redis_client.get(keys.tenant_outstanding("acme")) or 0) == 3
+
+
+def test_rate_limit_gives_429_with_retry_after(settings: Settings, redis_client: redis.Redis) -> None:
+    client = keyed_client(settings, rate_limit_per_min=5)
+    statuses = [client.get("/v1/batches", headers=ACME).status_code for _ in range(7)]
+    assert statuses[:5] == [200] * 5 and statuses[5:] == [429, 429]
+    limited = client.get("/v1/batches", headers=ACME)
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert client.get("/v1/batches", headers=BETA).status_code == 200
+
+
+def test_keys_file_holds_only_hashes_and_is_read_again_when_it_changes(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "api-keys"
+    assert ragq(["keys", "create", "acme", "--file", str(path)]) == 0
+    key = capsys.readouterr().out.strip()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert key not in path.read_text() and read_keys_file(path) == [("acme", hash_key(key))]
+    client = create_app(dataclasses.replace(settings, api_keys_file=path)).test_client()
+    assert client.get("/v1/batches", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    # A key added while the API runs works without a restart.
+    assert ragq(["keys", "create", "beta", "--file", str(path)]) == 0
+    second = capsys.readouterr().out.strip()
+    assert client.get("/v1/batches", headers={"Authorization": f"Bearer {second}"}).status_code == 200
+    assert KeyRing([], path).tenant_for(second) == "beta"
+
+
+def test_without_keys_the_api_refuses_to_listen_beyond_loopback(settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        create_app(dataclasses.replace(settings, host="0.0.0.0"))
+    # With keys it may.
+    create_app(dataclasses.replace(settings, host="0.0.0.0", api_keys=f"acme:{ACME_KEY}"))
+
+
+def test_short_or_malformed_keys_are_refused_at_start_up() -> None:
+    for raw in ("acme:short", "no-colon-here-0123456789", "bad tenant:0123456789abcdefgh"):
+        with pytest.raises(ConfigError, match="RAGQ_API_KEYS"):
+            Settings.from_env({"RAGQ_API_KEYS": raw})
+
+
+def test_secrets_stay_out_of_the_settings_repr() -> None:
+    settings = Settings.from_env(
+        {"RAGQ_API_KEYS": f"acme:{ACME_KEY}", "RAGQ_CALLBACK_SECRET": "callback-secret-x", "REDIS_URL": "redis://:pw-secret@h:1/0"}
+    )
+    text = repr(settings)
+    for secret in (ACME_KEY, "callback-secret-x", "pw-secret"):
+        assert secret not in text

@@ -1,0 +1,42 @@
+"""`REDIS_URL=rediss://...`: the API and a worker reach Redis over TLS only, and a job goes all the way through."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import redis
+
+from api import create_app
+from shared.config import Settings
+from shared.redis_server import EmbeddedRedis
+from tests.helpers import TlsProxy, self_signed_certificate, start_worker
+
+
+def test_a_job_goes_through_over_tls(settings: Settings, redis_server: EmbeddedRedis, redis_client: redis.Redis, tmp_path: Path) -> None:
+    certificate, key = self_signed_certificate(tmp_path)
+    proxy = TlsProxy(certificate, key, redis_server.port)
+    url = f"rediss://:{redis_server.password}@127.0.0.1:{proxy.port}/0?ssl_cert_reqs=required&ssl_ca_certs={certificate}"
+    tls = dataclasses.replace(settings, redis_url=url)
+    try:
+        client = create_app(tls).test_client()
+        worker = start_worker(tls, "tiny-t5-chaos", redis_client)
+        try:
+            assert client.get("/readyz").status_code == 200
+            job = client.post("/v1/jobs", json={"question": "Does TLS work?", "model": "tiny-t5-chaos", "params": {"max_new_tokens": 2}})
+            assert job.status_code == 202, job.get_json()
+            done = client.get(f"/v1/jobs/{job.get_json()['id']}?wait=60").get_json()
+            assert done["status"] == "succeeded", done
+        finally:
+            worker.stop()
+        # Both the API and the worker (broker and job store) connected through the TLS front.
+        assert proxy.handshakes >= 3
+        # And a client that does not trust the certificate is refused.
+        untrusting = redis.Redis.from_url(url.replace(f"&ssl_ca_certs={certificate}", ""), socket_connect_timeout=3)
+        try:
+            untrusting.ping()
+            raise AssertionError("an untrusted certificate was accepted")
+        except redis.ConnectionError as exc:
+            assert "certificate" in str(exc).lower()
+    finally:
+        proxy.close()
