@@ -22,4 +22,26 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(jobs.bp)
     app.register_blueprint(batches.bp)
     app.register_blueprint(openapi.bp)
+    app.before_request(_reject_unknown_query_parameters)
     return app
+
+
+# Query parameters each /v1 endpoint takes: anything else is refused, as unknown body fields are.
+QUERY_PARAMETERS: dict[str, frozenset[str]] = {
+    "jobs.read": frozenset({"wait"}),
+    "batches.create": frozenset({"model", "completion_window", "metadata", "params", "callback_url"}),
+    "batches.listing": frozenset({"limit", "after"}),
+    "batches.results": frozenset({"status"}),
+}
+
+
+def _reject_unknown_query_parameters() -> None:
+    from flask import request
+
+    from shared.errors import ValidationFailed
+
+    if request.endpoint is None or not request.path.startswith("/v1/"):
+        return
+    unknown = sorted(set(request.args) - QUERY_PARAMETERS.get(request.endpoint, frozenset()))
+    if unknown:
+        raise ValidationFailed("unknown query parameter(s)", details=[{"field": name, "message": "not allowed here"} for name in unknown])

@@ -9,7 +9,8 @@ from pydantic.json_schema import models_json_schema
 
 from api import state
 from shared.config import MAX_WAIT_S
-from shared.jobs import JobView
+from shared.batches import BatchListView
+from shared.jobs import JobStatus, JobView
 
 bp = Blueprint("openapi", __name__)
 
@@ -35,8 +36,23 @@ def _job(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model="JobView")}}}}
 
 
-def _batch(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+def _batch(description: str, model: str = "BatchView") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}}}
+
+
+def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every /v1 operation may answer 401 (keys configured), 429 (quotas) and 503 (Redis down or full)."""
+    for path, operations in paths.items():
+        if not path.startswith("/v1/"):
+            continue
+        for operation in operations.values():
+            operation["security"] = [{"bearer": []}]
+            operation["responses"].setdefault("401", _error("No API key, or an unknown one (when keys are configured)"))
+            operation["responses"].setdefault("429", _error("Outstanding-jobs quota or request rate used up; see Retry-After"))
+            operation["responses"].setdefault("503", _error("Redis unavailable or full; see Retry-After"))
+            # From gunicorn, before the app: a query string over its request-line limit.
+            operation["responses"].setdefault("414", {"description": "Request line (URL) too long"})
+    return paths
 
 
 def build_document() -> dict[str, Any]:
@@ -49,18 +65,29 @@ def build_document() -> dict[str, Any]:
             (requests.batch_line, "validation"),
             (requests.batch_options, "validation"),
             (JobView, "serialization"),
+            (BatchListView, "serialization"),
         ],
         ref_template=REF,
     )
     components = schemas.get("$defs", {})
     components["Error"] = ERROR_SCHEMA
+    # The JSON form: the batch options (which allow no other field) plus `requests`. Not `allOf`, which
+    # cannot add a property to a closed object.
+    options = components[requests.batch_options.__name__]
+    lines = {"type": "array", "minItems": 1, "items": {"$ref": REF.format(model=requests.batch_line.__name__)}}
+    components["BatchJson"] = {
+        **options,
+        "title": "BatchJson",
+        "properties": {**options.get("properties", {}), "requests": lines},
+        "required": [*options.get("required", []), "requests"],
+    }
     job_id = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
     batch_id = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
     not_found = _error("No such job")
     return {
         "openapi": "3.1.0",
         "info": {"title": "ragq", "version": "1", "description": "Retrieval-augmented question answering jobs."},
-        "paths": {
+        "paths": _with_common_responses({
             "/v1/jobs": {
                 "post": {
                     "summary": "Submit a question",
@@ -111,8 +138,13 @@ def build_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Submit a batch: JSONL or CSV body with options as query parameters, or JSON",
                     "parameters": [
-                        {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
-                        for name in ("model", "completion_window", "metadata", "params", "callback_url")
+                        {"name": name, "in": "query", "required": False, "schema": options["properties"][name]}
+                        for name in ("model", "completion_window", "callback_url")
+                    ]
+                    # Objects in a query string: JSON text.
+                    + [
+                        {"name": name, "in": "query", "required": False, "content": {"application/json": {"schema": options["properties"][name]}}}
+                        for name in ("metadata", "params")
                     ]
                     + [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}],
                     "requestBody": {
@@ -120,15 +152,7 @@ def build_document() -> dict[str, Any]:
                         "content": {
                             "application/x-ndjson": {"schema": {"$ref": REF.format(model=requests.batch_line.__name__)}},
                             "text/csv": {"schema": {"type": "string"}},
-                            "application/json": {
-                                "schema": {
-                                    "allOf": [{"$ref": REF.format(model=requests.batch_options.__name__)}],
-                                    "properties": {
-                                        "requests": {"type": "array", "items": {"$ref": REF.format(model=requests.batch_line.__name__)}}
-                                    },
-                                    "required": ["requests"],
-                                }
-                            },
+                            "application/json": {"schema": {"$ref": REF.format(model="BatchJson")}},
                         },
                     },
                     "responses": {
@@ -146,7 +170,11 @@ def build_document() -> dict[str, Any]:
                         {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
                         {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}},
                     ],
-                    "responses": {"200": {"description": "A page of batches"}, "422": _error("Bad limit")},
+                    "responses": {
+                        "200": _batch("A page of batches", "BatchListView"),
+                        "404": _error("No such batch as `after`"),
+                        "422": _error("Bad limit"),
+                    },
                 },
             },
             "/v1/batches/{batch_id}": {
@@ -162,7 +190,10 @@ def build_document() -> dict[str, Any]:
             "/v1/batches/{batch_id}/results": {
                 "get": {
                     "summary": "Results as JSONL in input order",
-                    "parameters": [batch_id, {"name": "status", "in": "query", "required": False, "schema": {"type": "string"}}],
+                    "parameters": [
+                        batch_id,
+                        {"name": "status", "in": "query", "required": False, "schema": {"enum": [s.value for s in JobStatus]}},
+                    ],
                     "responses": {
                         "200": {"description": "JSONL", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
                         "404": _error("No such batch"),
@@ -177,8 +208,11 @@ def build_document() -> dict[str, Any]:
                     "responses": {"200": {"description": "ready"}, "503": _error("Redis unavailable")},
                 }
             },
+        }),
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "Needed once API keys are configured."}},
         },
-        "components": {"schemas": components},
     }
 
 

@@ -41,6 +41,8 @@ def run(settings: Settings, processes: int = 1) -> None:
         "timeout": MAX_WAIT_S + 30,
         "graceful_timeout": 10,
         "keepalive": 5,
+        # Batch options may come as a query string (metadata and params as JSON): allow gunicorn's maximum.
+        "limit_request_line": 8190,
         "accesslog": "-",
         "loglevel": "info",
     }

@@ -12,13 +12,13 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel
 
-from shared.keyring import LOCAL_TENANT
 from shared.errors import PayloadTooLarge, ValidationFailed
+from shared.keyring import LOCAL_TENANT
 from shared.jobs import JobRequestBase, RequestModels, iso
 
 MAX_REPORTED_ERRORS = 100
@@ -115,7 +115,46 @@ class Batch:
             data[name] = iso(data[name])
         data["status"] = self.status.value
         data["request_counts"] = {"total": total, **{name: counts.get(name, 0) for name in COUNT_NAMES}}
-        return {"object": "batch", **data}
+        return BatchView.model_validate({"object": "batch", **data}).model_dump(mode="json")
+
+
+class RequestCountsView(BaseModel):
+    """How many items are in each state; they always add up to `total`."""
+
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    expired: int
+
+
+class BatchView(BaseModel):
+    """A batch as `GET /v1/batches/<id>` returns it."""
+
+    object: Literal["batch"]
+    id: str
+    status: BatchStatus
+    model: str
+    created_at: str
+    in_progress_at: str | None
+    completed_at: str | None
+    cancelled_at: str | None
+    expired_at: str | None
+    expires_at: str
+    completion_window: str
+    metadata: dict[str, str] | None
+    callback_url: str | None
+    request_counts: RequestCountsView
+
+
+class BatchListView(BaseModel):
+    """A page of `GET /v1/batches`, newest first."""
+
+    object: Literal["list"]
+    data: list[BatchView]
+    has_more: bool
 
 
 @dataclass
@@ -216,15 +255,19 @@ def _csv_lines(body: bytes) -> list[tuple[int, Any]]:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValidationFailed(f"CSV is not UTF-8: {exc}") from exc
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or "question" not in reader.fieldnames:
-        raise ValidationFailed("CSV needs a header row with a `question` column (and optionally course, custom_id)")
+    # newline="" lets the csv module see line ends itself, as its documentation asks.
+    reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
-    for row_number, row in enumerate(reader, start=1):
-        item: dict[str, Any] = {"question": row.get("question") or "", "custom_id": row.get("custom_id") or str(row_number)}
-        if row.get("course"):
-            item["course"] = row["course"]
-        rows.append((reader.line_num, item))
+    try:
+        if reader.fieldnames is None or "question" not in reader.fieldnames:
+            raise ValidationFailed("CSV needs a header row with a `question` column (and optionally course, custom_id)")
+        for row_number, row in enumerate(reader, start=1):
+            item: dict[str, Any] = {"question": row.get("question") or "", "custom_id": row.get("custom_id") or str(row_number)}
+            if row.get("course"):
+                item["course"] = row["course"]
+            rows.append((reader.line_num, item))
+    except csv.Error as exc:
+        raise ValidationFailed(f"CSV is malformed at line {reader.line_num}: {exc}", details=[{"line": reader.line_num}]) from exc
     return rows
 
 

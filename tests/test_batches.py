@@ -96,6 +96,16 @@ def test_csv_batch_numbers_rows_without_custom_id(client: FlaskClient, t5_worker
     assert {s["course"] for s in lines[0]["sources"]} == {"ragq"}
 
 
+def test_malformed_csv_is_a_422_not_a_server_error(client: FlaskClient, redis_client: redis.Redis) -> None:
+    # Found by bench.fuzz: a bare carriage return in the header row made the csv module raise (a 500).
+    for body in (b'question\n"abc\x00def\n', b"question\n\"unterminated"):
+        response = submit(client, body, "text/csv", query="?model=unserved")
+        assert response.status_code in (202, 422), response.get_json()
+    response = submit(client, b';_\xc3\xad\r\xc3\x8d0', "text/csv", query="?model=unserved")
+    assert response.status_code == 422
+    assert response.get_json()["error"]["type"] == "validation_error"
+
+
 def test_json_batch_with_options_in_the_body(client: FlaskClient, t5_worker: WorkerProcess) -> None:
     body = {"requests": items(3), "model": "tiny-t5", "params": FAST, "completion_window": "1h"}
     response = client.post("/v1/batches", json=body)
