@@ -12,7 +12,7 @@ import redis
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from api import idempotency, state, tenancy
-from shared.broker import enqueue
+from shared.broker import enqueue, mark_sent
 from shared.config import MAX_WAIT_S
 from shared.errors import BadRequest, Conflict, NotFound, Unavailable, ValidationFailed
 from shared.jobs import Job, JobRequestBase, JobStatus
@@ -46,6 +46,9 @@ def _replayed(job: dict[str, Any]) -> tuple[Response, int, dict[str, str]]:
 def store_and_enqueue(job: Job) -> None:
     """Store the job, then put it on its model's queue; undo the store if the enqueue fails."""
     api = state.get()
+    # Noted before the record exists: if this process dies between storing and sending, the message audit
+    # sends the job's message; if it dies before storing, the audit drops the note.
+    mark_sent(api.store.redis, job.model, [job.id])
     api.store.create(job)
     try:
         enqueue(api.celery, api.store.redis, job.id, job.model)

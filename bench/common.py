@@ -43,3 +43,29 @@ def report(figures: dict[str, Any], json_path: Path | None) -> None:
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(figures, indent=2))
+
+
+def start_api(work: Path, env: dict[str, str], processes: int = 1) -> subprocess.Popen[bytes]:
+    """`ragq api` on `env`'s RAGQ_PORT, its log in `work`; returns once `/readyz` answers."""
+    import sys
+    import time
+
+    import requests
+
+    log = (work / "api.log").open("ab")
+    api = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "api", "--processes", str(processes)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{env['RAGQ_PORT']}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).ok:
+                return api
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline or api.poll() is not None:
+            stop_groups([api])
+            raise RuntimeError(f"the API did not start; see {work / 'api.log'}")
+        time.sleep(0.2)

@@ -13,7 +13,6 @@ import argparse
 import itertools
 import json
 import math
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,9 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from bench.common import child_env, report, stop_groups
+from bench.common import child_env, report, start_api, stop_groups
 from shared.redis_server import free_port, start_redis
 
 FUZZ_KEY = "fuzz-key-0123456789abcdef"
@@ -126,22 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         REDIS_URL=redis.url, RAGQ_PORT=str(port), RAGQ_DATA_DIR=str(work / "data"), RAGQ_API_KEYS=f"fuzz:{FUZZ_KEY}",
         RAGQ_RATE_LIMIT_PER_MIN="1000000000",
     )
-    api = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "api"], env=env, stdout=(work / "api.log").open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline or api.poll() is not None:
-                raise RuntimeError(f"API did not start; see {work / 'api.log'}")
-            time.sleep(0.2)
+        api = start_api(work, env)
+    except RuntimeError:
+        redis.stop()
+        raise
+    try:
         started = time.monotonic()
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
         figures = fuzz(schema, args.cases, base_url=url, headers=HEADERS)

@@ -57,6 +57,11 @@ for _, id in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, id) end
 """
 
 
+def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> None:
+    """Note the jobs as sent now (Redis's clock): from here on the message audit makes sure they get a message."""
+    client.register_script(_MARK_SENT_LUA)(keys=[keys.sent(model_name)], args=job_ids)
+
+
 def enqueue(app: Celery, client: redis.Redis, job_id: str, model_name: str, *, batch_item: bool = False) -> None:
     """Put a job on its model's queue (interactive or batch), by task name, so the API never imports worker code."""
     enqueue_many(app, client, [job_id], model_name, batch_item=batch_item)
@@ -67,7 +72,7 @@ def enqueue_many(app: Celery, client: redis.Redis, job_ids: list[str], model_nam
     (see `worker.housekeeping.Housekeeper.audit_messages`)."""
     if not job_ids:
         return
-    client.register_script(_MARK_SENT_LUA)(keys=[keys.sent(model_name)], args=job_ids)
+    mark_sent(client, model_name, job_ids)
     queue = keys.model_batch_queue(model_name) if batch_item else keys.model_queue(model_name)
     for job_id in job_ids:
         app.send_task(ANSWER_TASK, args=[job_id], queue=queue)

@@ -159,3 +159,12 @@ def test_secrets_stay_out_of_the_settings_repr() -> None:
     text = repr(settings)
     for secret in (ACME_KEY, "callback-secret-x", "pw-secret"):
         assert secret not in text
+
+
+def test_client_commands_send_ragq_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.batch_cli import auth_headers
+
+    monkeypatch.delenv("RAGQ_API_KEY", raising=False)
+    assert auth_headers() == {}
+    monkeypatch.setenv("RAGQ_API_KEY", ACME_KEY)
+    assert auth_headers() == {"Authorization": f"Bearer {ACME_KEY}"}
