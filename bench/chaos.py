@@ -188,6 +188,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds=round(elapsed, 1),
             batch_status=batch.get("status"),
         )
+        if figures["failed"]:
+            failed = requests.get(f"{chaos.url}/v1/batches/{batch_id}/results", params={"status": "failed"}, timeout=60)
+            errors = Counter((json.loads(line).get("error") or {}).get("type") for line in failed.text.splitlines())
+            figures["failed_by_error"] = dict(errors)
         if figures["lost"]:
             figures["unfinished"] = chaos.where_are(batch_id)
     finally:

@@ -37,9 +37,11 @@ def make_celery(settings: Settings) -> Celery:
         # queue_order_strategy "priority": a worker reads its model's interactive queue before its batch queue
         # on every fetch, instead of Kombu's default round robin.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, "queue_order_strategy": "priority"},
-        # Without this a lost broker connection leaves late-ack tasks running whose messages are
-        # redelivered anyway; Celery 6 makes it the default.
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Off: the thread pool cannot cancel a task, and Celery treats the attempt as unrecoverable and stops
+        # the worker on every broker reconnect (bench.chaos showed workers dying at a Redis restart and the
+        # jobs they held timing out). Running tasks finish and store their results instead; their messages,
+        # no longer acknowledgeable, are skipped when redelivered because the jobs are final by then.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_connection_retry_on_startup=True,
         # The API must answer 503 quickly when Redis is down instead of retrying for long.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import torch
 
 from shared.config import Settings
 from shared.jobs import Job, JobStatus
 from shared.prompt import DEFAULT_TEMPLATE, Prompt
 from shared.store import JobStore
-from worker.batching import SKIPPED, Batcher, BatchItem
+from worker.batching import BACKLOG, SKIPPED, Batcher, BatchItem
 from worker.corpus import load_documents
 from worker.generation import Generation, Generator, load_generator
 from worker.pipeline import BatchCap, BatchLimits, Prepared, Question, answer_batch, plan_calls
@@ -159,6 +160,18 @@ def test_batcher_does_not_wait_past_the_window() -> None:
     started = time.monotonic()
     batcher.submit("j", 1).result(timeout=5)
     assert time.monotonic() - started < 1
+    batcher.stop()
+
+
+def test_batcher_goes_on_when_redis_cannot_say_whether_interactive_jobs_wait() -> None:
+    # Found by bench.chaos: this check raised during a Redis restart, ended the batcher thread, and every
+    # job the worker took afterwards timed out.
+    def redis_down() -> bool:
+        raise redis.ConnectionError("Connection refused")
+
+    batcher = Batcher(lambda items: [item.payload * 2 for item in items], max_batch_size=4, batch_wait_ms=0, interactive_waiting=redis_down)
+    assert batcher.submit("a", 1, BACKLOG).result(timeout=5) == 2
+    assert batcher.submit("b", 2, BACKLOG).result(timeout=5) == 4
     batcher.stop()
 
 

@@ -142,10 +142,19 @@ class Batcher:
                 if deadline is None:
                     deadline = now + self.handoff_s
                     settled_at = now
-                on_the_way = self._incoming > 0 or self.interactive_waiting()
+                on_the_way = self._incoming > 0 or self._interactive_waiting_safely()
                 if now > deadline or (not on_the_way and now - settled_at >= HANDOFF_GRACE_S):
                     return False
             time.sleep(0.002)
+
+    def _interactive_waiting_safely(self) -> bool:
+        # It asks Redis; during a Redis outage the answer is "no", never an exception: an exception here
+        # would end the batcher thread, and every job the worker took afterwards would time out.
+        try:
+            return self.interactive_waiting()
+        except Exception:
+            log.warning("cannot tell whether interactive jobs are waiting; not holding the backlog batch", exc_info=True)
+            return False
 
     def expect_interactive(self) -> None:
         """An interactive job's task has started and will submit soon (or call `interactive_dropped`)."""
