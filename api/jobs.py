@@ -32,8 +32,10 @@ def submit() -> tuple[Response, int, dict[str, str]]:
     job_request = validate(api.requests.job, parse_json(body))
     job = Job.new(job_request, api.settings.default_model.name, tenant=tenancy.tenant())
     try:
-        with tenancy.outstanding(1), idempotency.reserve("job", job.id, fingerprint, lambda job_id: owned_job(job_id).to_public()):
-            store_and_enqueue(job)
+        with tenancy.outstanding(1) as reservation, idempotency.reserve(
+            "job", job.id, fingerprint, lambda job_id: owned_job(job_id).to_public()
+        ):
+            store_and_enqueue(job, reservation)
     except idempotency.Replay as replay:
         return _replayed(replay.obj)  # type: ignore[arg-type]
     return jsonify(job.to_public()), 202, {"Location": url_for("jobs.read", job_id=job.id)}
@@ -43,7 +45,7 @@ def _replayed(job: dict[str, Any]) -> tuple[Response, int, dict[str, str]]:
     return jsonify(job), 200, {"Idempotent-Replayed": "true", "Location": url_for("jobs.read", job_id=job["id"])}
 
 
-def store_and_enqueue(job: Job) -> None:
+def store_and_enqueue(job: Job, reservation: tenancy.Reservation) -> None:
     """Store the job, then put it on its model's queue; undo the store if the enqueue fails."""
     api = state.get()
     # Noted before the record exists: if this process dies between storing and sending, the message audit
@@ -57,7 +59,11 @@ def store_and_enqueue(job: Job) -> None:
         try:
             api.store.delete(job.id)
         except Exception:
-            pass
+            # The job stays, and the message audit will send it: it keeps its place in the quota.
+            reservation.keep()
+        if reservation.kept:
+            message = "Redis failed while the job was being queued; it is stored and may still run"
+            raise Unavailable(message, details={"job_id": job.id}) from exc
         if isinstance(exc, redis.exceptions.OutOfMemoryError):
             raise Unavailable("the job store (Redis) is full; retry later") from exc
         raise Unavailable("the queue (Redis) is unavailable; the job was not accepted") from exc

@@ -75,8 +75,20 @@ def tenant() -> str:
     return str(g.tenant)
 
 
+class Reservation:
+    """Jobs counted against the tenant's quota for a request; given back if the request fails, unless kept."""
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self.kept = False
+
+    def keep(self) -> None:
+        """The jobs exist after all (a failed undo): their final transitions will give the places back."""
+        self.kept = True
+
+
 @contextmanager
-def outstanding(jobs: int) -> Iterator[None]:
+def outstanding(jobs: int) -> Iterator[Reservation]:
     """Count `jobs` new jobs against the tenant's quota (429 if they do not fit); give them back if creating fails."""
     api = state.get()
     cap = api.settings.max_outstanding_jobs
@@ -86,8 +98,10 @@ def outstanding(jobs: int) -> Iterator[None]:
             retry_after_s=QUOTA_RETRY_AFTER_S,
             details={"max_outstanding_jobs": cap, "requested": jobs},
         )
+    reservation = Reservation(jobs)
     try:
-        yield
+        yield reservation
     except BaseException:
-        api.store.release(tenant(), jobs)
+        if not reservation.kept:
+            api.store.release(tenant(), jobs)
         raise

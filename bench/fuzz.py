@@ -58,6 +58,7 @@ def fuzz(schema: Any, cases: int, base_url: str | None = None, headers: dict[str
     # Valid and invalid requests (schemathesis's positive and negative modes), rounds with new seeds until
     # `cases` were sent: operations with few distinct inputs (health checks) end a round early.
     while sent < cases:
+        sent_before = sent
         for operation, mode in itertools.product(operations, GenerationMode):
 
             @seed(round_)
@@ -87,6 +88,8 @@ def fuzz(schema: Any, cases: int, base_url: str | None = None, headers: dict[str
             except Unsatisfiable:
                 pass  # nothing to make invalid in an operation without inputs (the health checks)
         round_ += 1
+        if sent == sent_before:
+            break  # nothing more to generate
     server_errors = sum(n for label, n in statuses.items() if label.rsplit(" ", 1)[1].startswith("5"))
     return {
         "cases": sent,

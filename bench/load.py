@@ -95,7 +95,12 @@ def quotas(url: str, quota: int, rate: int) -> dict[str, Any]:
     """429s from the outstanding-jobs quota and from the rate limit, against how many were expected."""
     session = requests.Session()
     session.headers.update(headers("capped"))
-    capped = Counter(session.post(f"{url}/v1/jobs", json=JOB, timeout=30).status_code for _ in range(quota + 20))
+    capped: Counter[str] = Counter()
+    for _ in range(quota + 20):
+        response = session.post(f"{url}/v1/jobs", json=JOB, timeout=30)
+        # A 429 of the quota names it; one of the rate limit would not count here.
+        over_quota = response.status_code == 429 and "max_outstanding_jobs" in response.json()["error"].get("details", {})
+        capped["quota_429" if over_quota else str(response.status_code)] += 1
     limited_session = requests.Session()
     limited_session.headers.update(headers("limited"))
     # Start right after a minute boundary, so all requests fall in one window.
@@ -104,8 +109,8 @@ def quotas(url: str, quota: int, rate: int) -> dict[str, Any]:
     retry_after = limited_session.get(f"{url}/v1/batches", timeout=30).headers.get("Retry-After")
     return {
         "quota_jobs": quota,
-        "quota_accepted": capped[202],
-        "quota_429": capped[429],
+        "quota_accepted": capped["202"],
+        "quota_429": capped["quota_429"],
         "quota_429_expected": 20,
         "rate_per_min": rate,
         "rate_accepted": limited[200],
@@ -124,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=200, help="RAGQ_RATE_LIMIT_PER_MIN for the rate phase")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    if args.quota < 1:
-        parser.error("--quota must be at least 1")
+    if args.quota < 1 or args.quota + 20 > args.rate:
+        parser.error("--quota must be at least 1, and --quota + 20 at most --rate (the quota phase must stay under the rate)")
     work = Path(tempfile.mkdtemp(prefix="ragq-load-"))
     redis = start_redis(work / "redis", appendonly=True)
     port = free_port()

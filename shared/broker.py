@@ -56,12 +56,17 @@ _MARK_SENT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 for _, id in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, id) end
+return tostring(now)
 """
 
+# Message header carrying the time `mark_sent` gave the message: the audit reads it off the oldest message
+# of a queue to tell whether a job's message has left it (see `worker.housekeeping`).
+SENT_HEADER = "ragq_sent"
 
-def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> None:
-    """Note the jobs as sent now (Redis's clock): from here on the message audit makes sure they get a message."""
-    client.register_script(_MARK_SENT_LUA)(keys=[keys.sent(model_name)], args=job_ids)
+
+def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> str:
+    """Note the jobs as sent now (Redis's clock; returned): from here on the message audit sees they get a message."""
+    return str(client.register_script(_MARK_SENT_LUA)(keys=[keys.sent(model_name)], args=job_ids))
 
 
 def enqueue(app: Celery, client: redis.Redis, job_id: str, model_name: str, *, batch_item: bool = False) -> None:
@@ -74,7 +79,7 @@ def enqueue_many(app: Celery, client: redis.Redis, job_ids: list[str], model_nam
     (see `worker.housekeeping.Housekeeper.audit_messages`)."""
     if not job_ids:
         return
-    mark_sent(client, model_name, job_ids)
+    sent_at = mark_sent(client, model_name, job_ids)
     queue = keys.model_batch_queue(model_name) if batch_item else keys.model_queue(model_name)
     for job_id in job_ids:
-        app.send_task(ANSWER_TASK, args=[job_id], queue=queue)
+        app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at})

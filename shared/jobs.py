@@ -30,8 +30,8 @@ class JobStatus(enum.StrEnum):
         return not TRANSITIONS[self]
 
 
-# running -> running is a redelivery: the worker that held the job died (or outlived the visibility
-# timeout) and another worker takes it over; only one of them can make the final transition.
+# running -> running is a redelivery: the worker that held the job died and another takes it over (the
+# transition script refuses it while the holder's heartbeat lives); only one can make the final transition.
 # expired: a batch item not finished when its batch's completion window ended.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.EXPIRED}),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import ipaddress
 import os
 import re
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from shared.config import Settings
 
 # The tenant of every request when no keys are configured (loopback-only, unauthenticated).
+log = logging.getLogger(__name__)
+
 LOCAL_TENANT = "local"
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MIN_KEY_CHARS = 16
@@ -36,6 +39,9 @@ def new_key() -> str:
 
 
 def check_tenant(tenant: str) -> str:
+    if tenant == LOCAL_TENANT:
+        # Its jobs and batches are those made while no keys were configured: no key may open them.
+        raise ConfigError(f"tenant name {LOCAL_TENANT!r} is reserved for the API without keys")
     if not TENANT_PATTERN.fullmatch(tenant):
         raise ConfigError(f"tenant name {tenant!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return tenant
@@ -93,8 +99,8 @@ class KeyRing:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._file_entries: list[tuple[str, str]] = []
-        self._stamp: tuple[float, int] | None = None
-        self._reload()
+        self._stamp: tuple[int, int, int] | None = None
+        self._reload(strict=True)
 
     @property
     def enabled(self) -> bool:
@@ -111,20 +117,26 @@ class KeyRing:
                 found = tenant
         return found
 
-    def _reload(self) -> None:
+    def _reload(self, strict: bool = False) -> None:
+        """Read the keys file again if it changed. At start-up a bad file is an error; later, the keys read
+        last stay in force (and the problem is logged) so an edit in progress never locks everyone out."""
         if self.path is None:
             return
         try:
             stat = self.path.stat()
-        except FileNotFoundError:
-            raise ConfigError(f"RAGQ_API_KEYS_FILE {self.path} does not exist; create it with `ragq keys create TENANT`") from None
-        stamp = (stat.st_mtime, stat.st_size)
-        if stamp == self._stamp:
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            if stamp == self._stamp:
+                return
+            entries = read_keys_file(self.path)
+        except (OSError, ConfigError) as exc:
+            message = exc.message if isinstance(exc, ConfigError) else f"RAGQ_API_KEYS_FILE {self.path}: {exc}"
+            if strict:
+                raise ConfigError(f"{message}; create it with `ragq keys create TENANT`") from None
+            log.error("keeping the API keys read before: %s", message)
             return
         with self._lock:
-            self._file_entries = read_keys_file(self.path)
+            self._file_entries = entries
             self._stamp = stamp
-
 
 def key_ring(settings: Settings) -> KeyRing:
     return KeyRing(parse_env_keys(settings.api_keys) if settings.api_keys else [], settings.api_keys_file)

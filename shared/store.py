@@ -31,6 +31,7 @@ TEMPLATES = json.dumps(
         "worker_jobs": keys.worker_jobs("{id}"),
         "with_jobs": keys.workers_with_jobs(),
         "sent": keys.sent("{id}"),
+        "worker_alive": keys.worker_alive("{id}"),
         "outstanding": keys.tenant_outstanding("{id}"),
         "local_tenant": LOCAL_TENANT,
     }
@@ -69,6 +70,12 @@ local function transition(job_key, target, allowed, fields)
   local current = redis.call('HGET', job_key, 'status')
   if not current then return {0, ''} end
   if not allowed[current] then return {0, current} end
+  if current == 'running' and target == 'running' then
+    -- A second message for a running job (a redelivery, a re-send) may take it over only from a worker
+    -- that is gone; a live worker keeps it and the duplicate is skipped.
+    local holder = cjson.decode(redis.call('HGET', job_key, 'worker') or 'null')
+    if holder ~= cjson.null and redis.call('EXISTS', key('worker_alive', holder)) == 1 then return {0, current} end
+  end
   redis.call('HSET', job_key, 'status', target)
   local raw_id = redis.call('HGET', job_key, 'id')
   local id = raw_id and cjson.decode(raw_id) or job_key

@@ -168,3 +168,26 @@ def test_client_commands_send_ragq_api_key(monkeypatch: pytest.MonkeyPatch) -> N
     assert auth_headers() == {}
     monkeypatch.setenv("RAGQ_API_KEY", ACME_KEY)
     assert auth_headers() == {"Authorization": f"Bearer {ACME_KEY}"}
+
+
+def test_the_keyless_tenant_name_cannot_be_given_a_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="reserved"):
+        Settings.from_env({"RAGQ_API_KEYS": f"local:{ACME_KEY}"})
+    assert ragq(["keys", "create", "local", "--file", str(tmp_path / "keys")]) == 2
+
+
+def test_a_broken_keys_file_keeps_the_keys_read_before(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "api-keys"
+    assert ragq(["keys", "create", "acme", "--file", str(path)]) == 0
+    key = capsys.readouterr().out.strip()
+    client = create_app(dataclasses.replace(settings, api_keys_file=path)).test_client()
+    path.write_text("this is not a keys file\n")
+    response = client.get("/v1/batches", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200
+    path.unlink()
+    assert client.get("/v1/batches", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    # At start-up a missing file is an error that says what to do.
+    with pytest.raises(ConfigError, match="ragq keys create"):
+        create_app(dataclasses.replace(settings, api_keys_file=path))

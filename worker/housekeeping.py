@@ -18,7 +18,7 @@ from celery import Celery
 
 from shared import keys
 from shared.batch_store import BatchStore
-from shared.broker import enqueue, enqueue_many
+from shared.broker import SENT_HEADER, enqueue, enqueue_many
 from shared.errors import NotFound
 from shared.jobs import JobStatus
 
@@ -46,35 +46,42 @@ return due
 MESSAGE_STALE_S = 60.0
 AUDIT_EVERY_S = 10.0
 AUDIT_LIMIT = 1000
+AUDIT_SLACK_S = 5.0
 
 # The message audit. Finds the jobs of one model whose message was sent over MESSAGE_STALE_S ago and that
-# still wait for it (queued, or running under a worker that died), and returns those whose message is gone:
+# still wait for it (queued, or running under a worker that died or lost the job), and returns those whose
+# message is gone:
 #  - delivered to a consumer that never claimed the job: its connection died (a Redis restart) and Kombu
 #    would give the message back only after the visibility timeout. The delivery is removed;
 #  - or in no queue: taken from the list but never recorded as delivered (Kombu pops with BRPOP, then
 #    records the delivery; a connection or process lost in between drops the message), or never sent.
-#    Queues are FIFO lists, so a job is no longer in its queue once the oldest message there was sent
-#    after it; this reads one list item, never the whole queue.
-# A false alarm only sends a second message, which the state machine makes harmless.
+#    Queues are FIFO lists, so a job's latest message has left its queue once the oldest message there was
+#    sent after it (by the send time each message carries in its SENT_HEADER, plus a slack for senders
+#    racing between noting and pushing); this reads one list item, never the whole queue.
+# A false alarm sends a second message: the job runs once all the same, since a claim of a job running
+# under a live worker is refused.
 # KEYS: sent set, unacked hash, unacked index, interactive queue, batch queue.
-# ARGV: job key template, worker alive template, stale seconds, limit.
+# ARGV: job key template, worker alive template, stale seconds, limit, slack seconds, sent header name.
 _AUDIT_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cutoff = now - tonumber(ARGV[3])
-local function job_of(payload)
+local slack = tonumber(ARGV[5])
+local function message_of(payload)
+  -- (job id, send time) of a queued message or of an unacked entry ([message, exchange, routing key]).
   local ok, message = pcall(cjson.decode, payload)
-  if not ok or type(message) ~= 'table' then return nil end
+  if not ok or type(message) ~= 'table' then return nil, nil end
   if message[1] ~= nil then message = message[1] end
   local headers = type(message.headers) == 'table' and message.headers or {}
-  return type(headers.argsrepr) == 'string' and string.match(headers.argsrepr, "'([^']+)'") or nil
+  local id = type(headers.argsrepr) == 'string' and string.match(headers.argsrepr, "'([^']+)'") or nil
+  return id, tonumber(headers[ARGV[6]])
 end
 local candidates = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
 if #candidates == 0 then return {} end
 local delivered = {}
 local unacked = redis.call('HGETALL', KEYS[2])
 for i = 1, #unacked, 2 do
-  local id = job_of(unacked[i + 1])
+  local id = message_of(unacked[i + 1])
   if id then delivered[id] = unacked[i] end
 end
 local lost = {}
@@ -97,7 +104,7 @@ for i = 1, #candidates, 2 do
   elseif delivered[id] then
     local tag = delivered[id]
     local at = tonumber(redis.call('ZSCORE', KEYS[3], tag) or '0')
-    if fields[1] == 'queued' and at < cutoff then
+    if at < cutoff then
       redis.call('HDEL', KEYS[2], tag)
       redis.call('ZREM', KEYS[3], tag)
       found_lost(id)
@@ -109,13 +116,22 @@ for i = 1, #candidates, 2 do
     if not oldest then
       found_lost(id)
     else
-      local first = job_of(oldest)
-      local first_sent = first and redis.call('ZSCORE', KEYS[1], first)
-      if first ~= id and first_sent and tonumber(first_sent) > sent_at then found_lost(id) end
+      local first, first_sent = message_of(oldest)
+      if first ~= id and first_sent and first_sent > sent_at + slack then found_lost(id) end
     end
   end
 end
 return lost
+"""
+
+# Gives up a live worker's claim on a job it no longer runs (see `requeue_overdue`), so the next claim is
+# allowed. KEYS[1] job; ARGV[1] the worker (JSON, as stored).
+_DISOWN_LUA = """
+if redis.call('HGET', KEYS[1], 'status') == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'worker', 'null')
+  return 1
+end
+return 0
 """
 
 HEARTBEAT_TTL_S = 10
@@ -170,6 +186,7 @@ class Housekeeper:
         self._claim_callbacks = self.redis.register_script(_CLAIM_CALLBACKS_LUA)
         self._claim_dead_worker = self.redis.register_script(_CLAIM_DEAD_WORKER_LUA)
         self._audit = self.redis.register_script(_AUDIT_LUA)
+        self._disown = self.redis.register_script(_DISOWN_LUA)
         self._threads = [
             threading.Thread(target=self._guarded, args=(self._feed_loop,), name="ragq-feeder", daemon=True),
             threading.Thread(target=self._guarded, args=(self._callback_loop,), name="ragq-callbacks", daemon=True),
@@ -254,7 +271,11 @@ class Housekeeper:
                     job = self.batches.jobs.get(job_id)
                 except NotFound:
                     continue
-                held = job.status is JobStatus.QUEUED or (job.status is JobStatus.RUNNING and job.worker == worker)
+                # Running under this worker, or under another dead one (a re-sent job this worker reserved).
+                held = job.status is JobStatus.QUEUED or (
+                    job.status is JobStatus.RUNNING
+                    and (job.worker in (None, worker) or not self.redis.exists(keys.worker_alive(job.worker)))
+                )
                 if not held:
                     continue
                 if job.attempts >= self.max_attempts:
@@ -288,13 +309,16 @@ class Housekeeper:
                     continue
                 if job.status is JobStatus.RUNNING and job.worker == worker and (job.started_at or 0) < cutoff:
                     self.redis.srem(keys.worker_jobs(worker), job_id)
+                    # The live worker's claim stands in the way of the next one: give it up first.
+                    if not self._disown(keys=[keys.job(job_id)], args=[json.dumps(worker)]):
+                        continue
                     enqueue(self.celery, self.redis, job_id, job.model, batch_item=job.batch_id is not None)
                     requeued.append(job_id)
         if requeued:
             log.warning("re-queued %d jobs running past the time limit without a task", len(requeued))
         return requeued
 
-    def audit_messages(self, stale_s: float = MESSAGE_STALE_S) -> list[str]:
+    def audit_messages(self, stale_s: float = MESSAGE_STALE_S, slack_s: float = AUDIT_SLACK_S) -> list[str]:
         """Send again the messages of this model's jobs that were lost on their way to a worker (see `_AUDIT_LUA`)."""
         lost = self._audit(
             keys=[
@@ -304,7 +328,7 @@ class Housekeeper:
                 keys.model_queue(self.model_name),
                 keys.model_batch_queue(self.model_name),
             ],
-            args=[keys.job("{id}"), keys.worker_alive("{id}"), stale_s, AUDIT_LIMIT],
+            args=[keys.job("{id}"), keys.worker_alive("{id}"), stale_s, AUDIT_LIMIT, slack_s, SENT_HEADER],
         )
         resent = []
         for job_id in lost:
