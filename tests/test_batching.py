@@ -15,7 +15,8 @@ import torch
 from shared.config import Settings
 from shared.jobs import Job, JobStatus
 from shared.prompt import DEFAULT_TEMPLATE, Prompt
-from shared.store import JobStore
+from shared.redis_server import free_port
+from shared.store import JobStore, connect
 from worker.batching import BACKLOG, SKIPPED, Batcher, BatchItem
 from worker.corpus import load_documents
 from worker.generation import Generation, Generator, load_generator
@@ -208,3 +209,13 @@ def test_job_cancelled_in_the_batch_window_is_skipped(
         assert info.size == 2 and info.wait_ms >= 0
         assert answer.batch_size == 2
     batcher.stop()
+
+
+def test_a_batch_is_answered_while_redis_is_away(settings: Settings, retriever: Retriever, t5: Generator) -> None:
+    # Found by bench.chaos: the cancelled-jobs check failed whole batches during a Redis restart.
+    unreachable = JobStore(connect(f"redis://127.0.0.1:{free_port()}/0"), settings.result_ttl_s)
+    resident = Resident(settings, settings.default_model, unreachable, retriever, t5, DEFAULT_TEMPLATE, "test", BatchLimits(BatchCap(8), 1 << 30))
+    items = [BatchItem(f"job-{i}", Question(q, params={"max_new_tokens": 2}), BACKLOG) for i, q in enumerate(QUESTIONS[:2])]
+    outcomes = resident.run_batch(items)
+    assert [info.size for _, info in outcomes] == [2, 2]
+    assert all(answer.completion_tokens > 0 for answer, _ in outcomes)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from shared import keys
 from shared.batch_store import BatchStore
 from shared.broker import make_celery
@@ -79,7 +81,13 @@ class Resident:
 
     def run_batch(self, items: Sequence[BatchItem]) -> list[Any]:
         """Answer a batch: skip jobs cancelled while they waited, then one pipeline pass for the rest."""
-        statuses = self.store.statuses([item.job_id for item in items])
+        try:
+            statuses = self.store.statuses([item.job_id for item in items])
+        except redis.RedisError:
+            # Redis is away (a restart): answer them all. A job cancelled meanwhile keeps its status, since
+            # the final transition refuses to overwrite it, and the results wait for Redis to come back.
+            log.warning("cannot read the batch's statuses; answering all %d jobs", len(items))
+            statuses = [JobStatus.RUNNING] * len(items)
         live = [i for i, status in enumerate(statuses) if status is JobStatus.RUNNING]
         results: list[Any] = [SKIPPED] * len(items)
         answers = answer_batch([items[i].payload for i in live], self.retriever, self.generator, self.template, self.limits)
