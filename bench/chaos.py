@@ -50,8 +50,8 @@ class Chaos:
             RAGQ_DATA_DIR=str(work / "data"),
             RAGQ_EXECUTION_LEDGER=str(self.ledger),
             RAGQ_MAX_BATCH_SIZE="8",
-            # Jobs whose task a broker reconnect cancelled are re-queued this long (+30 s) after they started.
-            RAGQ_TASK_TIME_LIMIT_S="15",
+            # A job still running this long (+30 s) under a live worker is re-queued (a backstop).
+            RAGQ_TASK_TIME_LIMIT_S="60",
         )
         self.api = self._spawn("api", "api")
         self.workers = [self._spawn("worker", f"worker-{i}") for i in range(workers)]
