@@ -40,3 +40,39 @@ def test_a_job_goes_through_over_tls(settings: Settings, redis_server: EmbeddedR
             assert "certificate" in str(exc).lower()
     finally:
         proxy.close()
+
+
+API_ACL = "on >api-password-0123456789 ~ragq:* ~ragq.* ~_kombu.* resetchannels &ragq:* +@all -@dangerous +info +ping"
+WORKER_ACL = "on >worker-password-0123456789 ~* &* +@all -@dangerous +info +ping"
+
+
+def test_api_and_worker_run_as_the_acl_users_the_readme_describes(
+    settings: Settings, redis_server: EmbeddedRedis, redis_client: redis.Redis
+) -> None:
+    # The same rules as the README's "Security" section.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"ACL SETUSER ragq-api {API_ACL.replace('api-password-0123456789', 'api-password')}" in readme
+    assert f"ACL SETUSER ragq-worker {WORKER_ACL.replace('worker-password-0123456789', 'worker-password')}" in readme
+    redis_client.execute_command("ACL", "SETUSER", "ragq-api", *API_ACL.split())
+    redis_client.execute_command("ACL", "SETUSER", "ragq-worker", *WORKER_ACL.split())
+    base = f"redis://{{user}}:{{password}}@127.0.0.1:{redis_server.port}/0"
+    api_settings = dataclasses.replace(settings, redis_url=base.format(user="ragq-api", password="api-password-0123456789"))
+    worker_settings = dataclasses.replace(settings, redis_url=base.format(user="ragq-worker", password="worker-password-0123456789"))
+    try:
+        client = create_app(api_settings).test_client()
+        worker = start_worker(worker_settings, "tiny-t5-chaos", redis_client)
+        try:
+            job = client.post("/v1/jobs", json={"question": "Who may do what?", "model": "tiny-t5-chaos", "params": {"max_new_tokens": 2}})
+            assert job.status_code == 202, job.get_json()
+            done = client.get(f"/v1/jobs/{job.get_json()['id']}?wait=60").get_json()
+            assert done["status"] == "succeeded", done
+        finally:
+            worker.stop()
+        api_user = redis.Redis.from_url(api_settings.redis_url)
+        try:
+            api_user.flushall()
+            raise AssertionError("the API user may flush Redis")
+        except redis.exceptions.NoPermissionError:
+            pass
+    finally:
+        redis_client.execute_command("ACL", "DELUSER", "ragq-api", "ragq-worker")
