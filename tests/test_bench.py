@@ -27,3 +27,21 @@ def test_throughput_benchmark_tiny_shape_writes_its_figures(shared_data: Path, t
     assert figures["n"] == 24 and figures["shape"] == "tiny" and figures["device"] == "cpu"
     assert figures["system_p50_ms"] <= figures["system_p95_ms"]
     assert "(c) system" in result.stdout and "c/b" in result.stdout
+
+
+def test_load_benchmark_gets_no_errors_and_exactly_the_quota_429s(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.load", "--clients", "4", "--seconds", "3", "--quota", "5", "--rate", "40", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")} | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["errors"] == 0 and figures["jobs_done"] > 0
+    assert figures["submit_p50_ms"] <= figures["submit_p99_ms"]
+    assert figures["long_poll_answer_after_finish_p50_ms"] >= 0
+    assert (figures["quota_accepted"], figures["quota_429"]) == (5, 20)
+    assert (figures["rate_accepted"], figures["rate_429"]) == (40, 20)
