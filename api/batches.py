@@ -11,6 +11,7 @@ from api import idempotency, state, tenancy
 from shared.batch_store import BatchStore, encode_result
 from shared.batches import Batch, batch_items, parse_batch
 from shared.errors import ValidationFailed
+from shared.netguard import non_public_reason
 from shared.jobs import JobStatus
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
@@ -39,6 +40,10 @@ def create() -> tuple[Response, int, dict[str, str]]:
     options: Any = parsed.options
     if options.callback_url and not api.settings.callback_secret:
         raise ValidationFailed("callback_url needs RAGQ_CALLBACK_SECRET to be configured on the server (callbacks are signed)")
+    if options.callback_url and not api.settings.callback_allow_private:
+        problem = non_public_reason(options.callback_url)
+        if problem:
+            raise ValidationFailed(f"callback_url {problem}; see RAGQ_CALLBACK_ALLOW_PRIVATE", details=[{"field": "callback_url"}])
     batch = Batch.new(
         model=options.model or api.settings.default_model.name,
         total=len(parsed.lines),

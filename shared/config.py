@@ -104,6 +104,9 @@ class Settings:
     callback_secret: str | None = _setting(
         "RAGQ_CALLBACK_SECRET", None, "HMAC-SHA256 key signing batch callbacks. Unset: `callback_url` is refused.", secret=True
     )
+    callback_allow_private: bool = _setting(
+        "RAGQ_CALLBACK_ALLOW_PRIVATE", False, "Allow callback URLs on loopback or private networks (refused by default)."
+    )
     api_keys: str | None = _setting(
         "RAGQ_API_KEYS", None, "API keys as `tenant:key,...` (for development; prefer a keys file).", secret=True
     )

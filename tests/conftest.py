@@ -66,6 +66,8 @@ def settings(redis_server: EmbeddedRedis, tiny_models: dict[str, Path], tmp_path
         task_time_limit_s=60,
         visibility_timeout_s=120,
         callback_secret="test-callback-secret",
+        # The tests' callback receivers listen on loopback.
+        callback_allow_private=True,
     )
 
 

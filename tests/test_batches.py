@@ -17,11 +17,14 @@ import redis
 from flask.testing import FlaskClient
 
 from api import create_app
+from shared.batch_store import BatchStore
 from shared.batches import Batch
+from shared.broker import make_celery
 from shared.config import Settings
 from shared.store import JobStore
 from shared.redis_server import free_port
 from tests.helpers import WorkerProcess, data_keys
+from worker.housekeeping import Housekeeper
 
 QUESTIONS = ["How do I add more workers?", "What does ragq serve start?", "How are errors reported?", "How do I cancel a job?"]
 FAST = {"max_new_tokens": 2, "num_beams": 1}
@@ -344,3 +347,21 @@ def test_stored_batch_items_read_back_as_the_jobs_they_describe(store: JobStore,
                         top_k=7, params={"temperature": 0.7, "do_sample": True}, created_at=first.created_at, batch_id=batch.id, custom_id="x/1")
     assert abs(first.created_at - batch.created_at) < 1e-3
     assert second.course is None and second.top_k == 5 and second.params == {} and second.custom_id == "2"
+
+
+def test_callbacks_to_non_public_addresses_are_refused_by_default(
+    settings: Settings, redis_client: redis.Redis, store: JobStore, receiver: Receiver
+) -> None:
+    guarded = dataclasses.replace(settings, callback_allow_private=False)
+    client = create_app(guarded).test_client()
+    for url in (receiver.url, "http://10.0.0.7/hook", "http://169.254.169.254/latest", "http://[::1]:9/x"):
+        response = submit(client, jsonl(items(1)), query=f"?model=unserved&callback_url={url}")
+        assert response.status_code == 422, url
+        assert "non-public" in response.get_json()["error"]["message"]
+    assert data_keys(redis_client) == set()
+    # Checked again when sending: a batch whose URL became private (say, by DNS) gets no request.
+    batch = Batch.new("unserved", 1, "24h", None, receiver.url)
+    BatchStore(store).create(batch, [["00000000-0000-4000-8000-0000000000aa", "q", None, 5, {}, "1"]])
+    keeper = Housekeeper(BatchStore(store), make_celery(guarded), "unserved", 8, guarded.callback_secret, worker_name="w@h", max_attempts=3)
+    assert keeper.deliver(batch.id) is False
+    assert receiver.requests == []

@@ -21,6 +21,7 @@ from shared.batch_store import BatchStore
 from shared.broker import SENT_HEADER, enqueue, enqueue_many
 from shared.errors import NotFound
 from shared.jobs import JobStatus
+from shared.netguard import non_public_reason
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,9 @@ class Housekeeper:
         worker_name: str,
         max_attempts: int,
         task_time_limit_s: float = 600,
+        callback_allow_private: bool = False,
     ) -> None:
+        self.callback_allow_private = callback_allow_private
         self.task_time_limit_s = task_time_limit_s
         self.worker_name = worker_name
         self.max_attempts = max_attempts
@@ -360,10 +363,19 @@ class Housekeeper:
         if batch.callback_url is None or self.callback_secret is None:
             self._forget_callback(batch_id)
             return False
+        # Checked again at sending: the name may point somewhere else by now.
+        problem = None if self.callback_allow_private else non_public_reason(batch.callback_url)
+        if problem:
+            log.error("not sending the callback of batch %s: its URL %s", batch_id, problem)
+            self._forget_callback(batch_id)
+            return False
         body = json.dumps(batch.to_public(counts)).encode()
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.callback_secret, body)}
         try:
-            response = requests.post(batch.callback_url, data=body, headers=headers, timeout=CALLBACK_TIMEOUT_S)
+            # No redirects: a public URL must not bounce the request into a private network.
+            response = requests.post(
+                batch.callback_url, data=body, headers=headers, timeout=CALLBACK_TIMEOUT_S, allow_redirects=False
+            )
             delivered = 200 <= response.status_code < 300
             problem = f"HTTP {response.status_code}"
         except requests.RequestException as exc:

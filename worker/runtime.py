@@ -149,6 +149,7 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
         worker_name=hostname,
         max_attempts=settings.max_attempts,
         task_time_limit_s=settings.task_time_limit_s,
+        callback_allow_private=settings.callback_allow_private,
     )
     resident.housekeeper.heartbeat()
     resident.housekeeper.start()
