@@ -191,3 +191,10 @@ def test_a_broken_keys_file_keeps_the_keys_read_before(
     # At start-up a missing file is an error that says what to do.
     with pytest.raises(ConfigError, match="ragq keys create"):
         create_app(dataclasses.replace(settings, api_keys_file=path))
+
+
+def test_serve_without_keys_refuses_a_public_address(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in ("RAGQ_API_KEYS", "RAGQ_API_KEYS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert ragq(["serve", "--host", "0.0.0.0"]) == 2
+    assert "loopback" in capsys.readouterr().err
