@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, request
 
 from shared.config import Settings
+from shared.errors import ValidationFailed
 
 
 def create_app(config: Settings | None = None) -> Flask:
@@ -36,10 +37,6 @@ QUERY_PARAMETERS: dict[str, frozenset[str]] = {
 
 
 def _reject_unknown_query_parameters() -> None:
-    from flask import request
-
-    from shared.errors import ValidationFailed
-
     if request.endpoint is None or not request.path.startswith("/v1/"):
         return
     unknown = sorted(set(request.args) - QUERY_PARAMETERS.get(request.endpoint, frozenset()))

@@ -73,8 +73,9 @@ def store_and_enqueue(job: Job, reservation: tenancy.Reservation) -> None:
 def read(job_id: str) -> dict[str, Any]:
     """The job; `?wait=N` blocks up to N seconds until it is finished."""
     wait_s = parse_wait(request.args.get("wait"))
-    owned_job(job_id)
-    job = state.get().store.wait_until_final(job_id, wait_s)
+    job = owned_job(job_id)
+    if wait_s > 0 and not job.status.is_final:
+        job = state.get().store.wait_until_final(job_id, wait_s)
     return job.to_public()
 
 

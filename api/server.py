@@ -10,7 +10,7 @@ from gunicorn.app.base import BaseApplication
 
 from api import create_app
 from shared.config import MAX_WAIT_S, Settings
-from shared.keyring import UNAUTHENTICATED_NOTICE, key_ring
+from shared.keyring import UNAUTHENTICATED_NOTICE
 
 
 class GunicornServer(BaseApplication):  # type: ignore[misc]
@@ -30,7 +30,7 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
 def run(settings: Settings, processes: int = 1) -> None:
     """Serve the API on `settings.host:settings.port` until stopped."""
     app = create_app(settings)
-    if not key_ring(settings).enabled:
+    if not app.extensions["ragq-keys"].enabled:
         print(f"ragq api: {UNAUTHENTICATED_NOTICE}", file=sys.stderr, flush=True)
     options = {
         "bind": f"{settings.host}:{settings.port}",

@@ -27,7 +27,7 @@ QUOTA_RETRY_AFTER_S = 30
 def init_app(app: Flask, settings: Settings) -> None:
     ring = key_ring(settings)
     check_exposure(settings, ring)
-    app.extensions["ragq-keys"] = ring
+    app.extensions["ragq-keys"] = ring  # read by api.server for its start-up notice
 
     @app.before_request
     def identify() -> None:

@@ -100,7 +100,6 @@ class Chaos:
         queues = {name: client.lrange(name, 0, -1) for name in client.keys("ragq.model.*")}
         sets = {name: client.smembers(name) for name in client.keys(keys.worker_jobs("*"))}
         pending = set(client.lrange(keys.batch_pending(batch_id), 0, -1))
-        inflight = set().union(*(client.hkeys(name) for name in client.keys(keys.feed_inflight("*"))))
         found = []
         for job_id in client.lrange(keys.batch_jobs(batch_id), 0, -1):
             record = client.hgetall(keys.job(job_id))
@@ -113,7 +112,7 @@ class Chaos:
                 "queues": [name for name, items in queues.items() if any(job_id in item for item in items)],
                 "worker_sets": [name for name, members in sets.items() if job_id in members],
                 "pending": job_id in pending,
-                "inflight": job_id in inflight,
+                "noted_as_sent": client.zscore(keys.sent(json.loads(record["model"])), job_id) is not None,
             })
         return found
 

@@ -23,10 +23,13 @@ from shared.store import JobStore
 
 CHUNK = 2000
 
-# KEYS: none; ARGV[1] active list, ARGV[2] pending template, ARGV[3] inflight hash, ARGV[4] n, ARGV[5] now.
+# KEYS: none; ARGV[1] active list, ARGV[2] pending template, ARGV[3] the model's sent set, ARGV[4] n.
 # Rotates the active list, taking one item per batch per turn; drops batches whose pending list is empty.
+# Taken items are noted as sent at once: if the feeder dies before sending them, the message audit does.
 _TAKE_LUA = """
-local active, inflight, n, now = ARGV[1], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local active, sent, n = ARGV[1], ARGV[3], tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local taken = {}
 local batches = redis.call('LLEN', active)
 while #taken < n and batches > 0 do
@@ -34,7 +37,7 @@ while #taken < n and batches > 0 do
   local id = redis.call('LPOP', (string.gsub(ARGV[2], '{id}', batch)))
   if id then
     table.insert(taken, id)
-    redis.call('HSET', inflight, id, now)
+    redis.call('ZADD', sent, now, id)
   else
     redis.call('LREM', active, 0, batch)
     batches = batches - 1
@@ -214,22 +217,8 @@ class BatchStore:
                 }
 
     def take_pending(self, model_name: str, n: int) -> list[str]:
-        """Up to `n` pending items of `model_name`'s batches, round-robin; marked in flight until confirmed."""
-        return list(
-            self._take(
-                args=[keys.active_batches(model_name), keys.batch_pending("{id}"), keys.feed_inflight(model_name), n, time.time()]
-            )
-        )
-
-    def confirm_fed(self, model_name: str, job_ids: list[str]) -> None:
-        """The items are on the Celery queue now."""
-        if job_ids:
-            self.redis.hdel(keys.feed_inflight(model_name), *job_ids)
-
-    def stale_inflight(self, model_name: str, older_than_s: float) -> list[str]:
-        """Items taken for feeding but never confirmed (their feeder died): to be sent again."""
-        cutoff = time.time() - older_than_s
-        return [job_id for job_id, taken in self.redis.hgetall(keys.feed_inflight(model_name)).items() if float(taken) < cutoff]
+        """Up to `n` pending items of `model_name`'s batches, round-robin, noted as sent (see `_TAKE_LUA`)."""
+        return list(self._take(args=[keys.active_batches(model_name), keys.batch_pending("{id}"), keys.sent(model_name), n]))
 
 
 def encode_result(result: dict[str, Any]) -> bytes:

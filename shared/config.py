@@ -234,7 +234,6 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "data_dir": Path,
     "execution_ledger": Path,
     "api_keys_file": Path,
-    "api_keys": lambda raw: (parse_env_keys(raw), raw)[1],
 }
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import ipaddress
+import logging
 import os
 import re
 import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from shared.errors import ConfigError
@@ -20,9 +19,9 @@ from shared.errors import ConfigError
 if TYPE_CHECKING:
     from shared.config import Settings
 
-# The tenant of every request when no keys are configured (loopback-only, unauthenticated).
 log = logging.getLogger(__name__)
 
+# The tenant of every request when no keys are configured (loopback-only, unauthenticated).
 LOCAL_TENANT = "local"
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MIN_KEY_CHARS = 16
@@ -89,6 +88,9 @@ def add_key(path: Path, tenant: str) -> str:
     return key
 
 
+_UNREAD = object()
+
+
 @dataclass
 class KeyRing:
     """The configured keys: from `RAGQ_API_KEYS` and the keys file, which is read again when it changes."""
@@ -99,7 +101,8 @@ class KeyRing:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._file_entries: list[tuple[str, str]] = []
-        self._stamp: tuple[int, int, int] | None = None
+        # The file version last read: (mtime_ns, size, inode), None for a missing file, _UNREAD at first.
+        self._seen: object = _UNREAD
         self._reload(strict=True)
 
     @property
@@ -118,25 +121,29 @@ class KeyRing:
         return found
 
     def _reload(self, strict: bool = False) -> None:
-        """Read the keys file again if it changed. At start-up a bad file is an error; later, the keys read
-        last stay in force (and the problem is logged) so an edit in progress never locks everyone out."""
+        """Read the keys file again if it changed (each version once). At start-up a bad file is an error;
+        later, the keys read last stay in force (the problem is logged) so an edit in progress never locks
+        everyone out."""
         if self.path is None:
             return
         try:
             stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-            if stamp == self._stamp:
-                return
-            entries = read_keys_file(self.path)
-        except (OSError, ConfigError) as exc:
-            message = exc.message if isinstance(exc, ConfigError) else f"RAGQ_API_KEYS_FILE {self.path}: {exc}"
-            if strict:
-                raise ConfigError(f"{message}; create it with `ragq keys create TENANT`") from None
-            log.error("keeping the API keys read before: %s", message)
+            version: tuple[int, int, int] | None = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            version = None
+        if version == self._seen:
             return
         with self._lock:
-            self._file_entries = entries
-            self._stamp = stamp
+            self._seen = version
+            try:
+                if version is None:
+                    raise ConfigError(f"RAGQ_API_KEYS_FILE {self.path} does not exist")
+                self._file_entries = read_keys_file(self.path)
+            except ConfigError as exc:
+                if strict:
+                    raise ConfigError(f"{exc.message}; create it with `ragq keys create TENANT`") from None
+                log.error("keeping the API keys read before: %s", exc.message)
+
 
 def key_ring(settings: Settings) -> KeyRing:
     return KeyRing(parse_env_keys(settings.api_keys) if settings.api_keys else [], settings.api_keys_file)

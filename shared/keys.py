@@ -60,11 +60,6 @@ def active_batches(model_name: str) -> str:
     return f"{PREFIX}:batches:active:{model_name}"
 
 
-def feed_inflight(model_name: str) -> str:
-    """Hash of job ids taken from pending lists but not yet confirmed on the Celery queue -> time taken."""
-    return f"{PREFIX}:feed:{model_name}:inflight"
-
-
 def callbacks() -> str:
     """Sorted set of batch ids whose callback is due, scored by the time of the next attempt."""
     return f"{PREFIX}:callbacks"

@@ -9,16 +9,22 @@ import sys
 from pathlib import Path
 
 
-
-def test_throughput_benchmark_tiny_shape_writes_its_figures(shared_data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "figures.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.throughput", "--shape", "tiny", "--n", "24", "--seed-n", "8", "--batch-size", "8",
-         "--new-tokens", "4", "--clients", "24", "--data", str(shared_data), "--json", str(out)],
+def run_bench(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench.NAME ARGS` in a clean ragq environment, offline."""
+    return subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", *args],
         capture_output=True,
         text=True,
         timeout=600,
         env={k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")} | {"HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_throughput_benchmark_tiny_shape_writes_its_figures(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    result = run_bench(
+        "throughput", "--shape", "tiny", "--n", "24", "--seed-n", "8", "--batch-size", "8",
+        "--new-tokens", "4", "--clients", "24", "--data", str(shared_data), "--json", str(out),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())
@@ -31,13 +37,7 @@ def test_throughput_benchmark_tiny_shape_writes_its_figures(shared_data: Path, t
 
 def test_load_benchmark_gets_no_errors_and_exactly_the_quota_429s(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.load", "--clients", "4", "--seconds", "3", "--quota", "5", "--rate", "40", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")} | {"HF_HUB_OFFLINE": "1"},
-    )
+    result = run_bench("load", "--clients", "4", "--seconds", "3", "--quota", "5", "--rate", "40", "--json", str(out))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["errors"] == 0 and figures["jobs_done"] > 0

@@ -24,7 +24,6 @@ def test_batch_key_formats() -> None:
     assert keys.batch_pending("b1") == "ragq:batch:b1:pending"
     assert keys.batch_events("b1") == "ragq:batch:b1:events"
     assert keys.active_batches("m") == "ragq:batches:active:m"
-    assert keys.feed_inflight("m") == "ragq:feed:m:inflight"
     assert keys.callbacks() == "ragq:callbacks"
     assert keys.idempotency("job", "abc") == "ragq:idempotency:job:abc"
     assert keys.batch_deadlines() == "ragq:batches:deadlines"

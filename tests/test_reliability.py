@@ -16,6 +16,7 @@ from kombu import Connection, Exchange, Queue
 
 from shared import keys
 from shared.batch_store import BatchStore
+from shared.batches import Batch
 from shared.broker import enqueue, make_celery
 from shared.config import Settings
 from shared.jobs import Job, JobStatus
@@ -277,3 +278,16 @@ def test_sigterm_lets_the_running_batch_finish_and_leaves_the_rest_queued(
         assert max(j["attempts"] for j in done) == 1
     finally:
         second.stop()
+
+
+def test_batch_items_a_feeder_took_but_never_sent_are_sent_by_the_audit(
+    store: JobStore, settings: Settings, redis_client: redis.Redis
+) -> None:
+    keeper = housekeeper(store, settings)
+    batch = Batch.new("unserved", 2, "24h", None, None)
+    items = [[f"00000000-0000-4000-8000-00000000000{i}", "q", None, 5, {}, str(i)] for i in range(2)]
+    BatchStore(store).create(batch, items)
+    taken = keeper.batches.take_pending("unserved", 2)  # and the feeder dies here
+    assert redis_client.llen(keys.model_batch_queue("unserved")) == 0
+    assert sorted(keeper.audit_messages(stale_s=0, slack_s=0)) == sorted(taken) == [row[0] for row in items]
+    assert redis_client.llen(keys.model_batch_queue("unserved")) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import stat
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_another_tenants_batch_is_not_found_nor_listed(keyed: FlaskClient) -> No
         assert getattr(keyed, method)(path, headers=BETA).status_code == 404, path
     # The items are acme's jobs too.
     item = keyed.get(f"/v1/batches/{batch['id']}/results", headers=ACME).get_data(as_text=True).splitlines()[0]
-    job_id = __import__("json").loads(item)["job_id"]
+    job_id = json.loads(item)["job_id"]
     assert keyed.get(f"/v1/jobs/{job_id}", headers=BETA).status_code == 404
     assert keyed.get(f"/v1/jobs/{job_id}", headers=ACME).status_code == 200
 
@@ -122,19 +123,23 @@ def test_rate_limit_gives_429_with_retry_after(settings: Settings, redis_client:
     assert client.get("/v1/batches", headers=BETA).status_code == 200
 
 
+def create_key(path: Path, tenant: str, capsys: pytest.CaptureFixture[str]) -> str:
+    """`ragq keys create TENANT --file PATH`; the key it printed."""
+    assert ragq(["keys", "create", tenant, "--file", str(path)]) == 0
+    return capsys.readouterr().out.strip()
+
+
 def test_keys_file_holds_only_hashes_and_is_read_again_when_it_changes(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "api-keys"
-    assert ragq(["keys", "create", "acme", "--file", str(path)]) == 0
-    key = capsys.readouterr().out.strip()
+    key = create_key(path, "acme", capsys)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert key not in path.read_text() and read_keys_file(path) == [("acme", hash_key(key))]
     client = create_app(dataclasses.replace(settings, api_keys_file=path)).test_client()
     assert client.get("/v1/batches", headers={"Authorization": f"Bearer {key}"}).status_code == 200
     # A key added while the API runs works without a restart.
-    assert ragq(["keys", "create", "beta", "--file", str(path)]) == 0
-    second = capsys.readouterr().out.strip()
+    second = create_key(path, "beta", capsys)
     assert client.get("/v1/batches", headers={"Authorization": f"Bearer {second}"}).status_code == 200
     assert KeyRing([], path).tenant_for(second) == "beta"
 
@@ -180,8 +185,7 @@ def test_a_broken_keys_file_keeps_the_keys_read_before(
     settings: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "api-keys"
-    assert ragq(["keys", "create", "acme", "--file", str(path)]) == 0
-    key = capsys.readouterr().out.strip()
+    key = create_key(path, "acme", capsys)
     client = create_app(dataclasses.replace(settings, api_keys_file=path)).test_client()
     path.write_text("this is not a keys file\n")
     response = client.get("/v1/batches", headers={"Authorization": f"Bearer {key}"})

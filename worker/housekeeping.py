@@ -20,14 +20,13 @@ from shared import keys
 from shared.batch_store import BatchStore
 from shared.broker import SENT_HEADER, enqueue, enqueue_many
 from shared.errors import NotFound
-from shared.jobs import JobStatus
+from shared.jobs import Job, JobStatus
 from shared.netguard import non_public_reason
 
 log = logging.getLogger(__name__)
 
 FEED_IDLE_S = 0.2
 SWEEP_EVERY_S = 1.0
-INFLIGHT_STALE_S = 60.0
 CALLBACK_TIMEOUT_S = 10.0
 CALLBACK_MAX_ATTEMPTS = 8
 CALLBACK_LEASE_S = 60.0
@@ -225,7 +224,6 @@ class Housekeeper:
             fed = self.feed_once()
             if time.monotonic() >= next_sweep:
                 self.batches.expire_due()
-                self.resend_stale()
                 self.reap_dead_workers()
                 self.requeue_overdue()
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
@@ -241,19 +239,11 @@ class Housekeeper:
         if room <= 0:
             return 0
         job_ids = self.batches.take_pending(self.model_name, room)
-        self._send(job_ids)
+        enqueue_many(self.celery, self.redis, job_ids, self.model_name, batch_item=True)
         return len(job_ids)
 
-    def _send(self, job_ids: list[str]) -> None:
-        enqueue_many(self.celery, self.redis, job_ids, self.model_name, batch_item=True)
-        self.batches.confirm_fed(self.model_name, job_ids)
-
-    def resend_stale(self) -> None:
-        """Items whose feeder died between taking and sending them: send again (a duplicate is harmless)."""
-        stale = self.batches.stale_inflight(self.model_name, INFLIGHT_STALE_S)
-        if stale:
-            log.warning("re-sending %d batch items a feeder took but never confirmed", len(stale))
-            self._send(stale)
+    def _send_again(self, job: Job) -> None:
+        enqueue(self.celery, self.redis, job.id, job.model, batch_item=job.batch_id is not None)
 
     def reap_dead_workers(self) -> list[str]:
         """Run again the jobs of worker processes that died (no heartbeat): the ones they were running and the
@@ -289,7 +279,7 @@ class Housekeeper:
                         error={"type": "worker_lost", "message": f"the worker running this job died {job.attempts} times; not retried"},
                     )
                     continue
-                enqueue(self.celery, self.redis, job_id, job.model, batch_item=job.batch_id is not None)
+                self._send_again(job)
                 requeued.append(job_id)
             if job_ids:
                 log.warning("worker %s stopped answering; re-queued %d of its jobs", worker, len(requeued))
@@ -298,8 +288,8 @@ class Housekeeper:
     def requeue_overdue(self) -> list[str]:
         """Re-queue jobs still `running` well past the task time limit under a live worker.
 
-        A task stops waiting at the time limit and fails its job, so such a job has lost its task: for
-        example when a Redis restart cut the worker's broker connection and Celery cancelled what it ran.
+        A task stops waiting at the time limit and fails its job, so such a job has lost its task (a backstop:
+        no known path loses one since Celery no longer cancels tasks on a broker reconnect).
         """
         cutoff = time.time() - self.task_time_limit_s - OVERDUE_MARGIN_S
         requeued = []
@@ -315,7 +305,7 @@ class Housekeeper:
                     # The live worker's claim stands in the way of the next one: give it up first.
                     if not self._disown(keys=[keys.job(job_id)], args=[json.dumps(worker)]):
                         continue
-                    enqueue(self.celery, self.redis, job_id, job.model, batch_item=job.batch_id is not None)
+                    self._send_again(job)
                     requeued.append(job_id)
         if requeued:
             log.warning("re-queued %d jobs running past the time limit without a task", len(requeued))
@@ -339,7 +329,7 @@ class Housekeeper:
                 job = self.batches.jobs.get(job_id)
             except NotFound:
                 continue
-            enqueue(self.celery, self.redis, job_id, job.model, batch_item=job.batch_id is not None)
+            self._send_again(job)
             resent.append(job_id)
         if resent:
             log.warning("sent again %d messages lost on their way to a worker", len(resent))
