@@ -1,4 +1,4 @@
-"""The `ragq` command: serve (everything on one machine), worker, api, ask."""
+"""The `ragq` command: serve (everything on one machine), worker, api, ask, batch, eval, keys."""
 
 from __future__ import annotations
 
