@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from flask import request
 
 from api import state, tenancy
-from shared import keys
+from shared import redis_keys
 from shared.errors import Conflict, NotFound, ValidationFailed
 
 HEADER = "Idempotency-Key"
@@ -34,7 +34,7 @@ def _redis_key(kind: str) -> str | None:
         raise ValidationFailed(f"{HEADER} must be 1 to {MAX_KEY_CHARS} characters")
     # Scoped by tenant: two tenants choosing the same key never see each other's objects.
     scoped = f"{tenancy.tenant()}\0{key}"
-    return keys.idempotency(kind, hashlib.sha256(scoped.encode()).hexdigest())
+    return redis_keys.idempotency(kind, hashlib.sha256(scoped.encode()).hexdigest())
 
 
 def replayed_id(kind: str, request_fingerprint: str) -> str | None:

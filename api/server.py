@@ -10,7 +10,7 @@ from gunicorn.app.base import BaseApplication
 
 from api import create_app
 from shared.config import MAX_WAIT_S, Settings
-from shared.keyring import UNAUTHENTICATED_NOTICE
+from shared.api_keys import UNAUTHENTICATED_NOTICE
 
 
 class GunicornServer(BaseApplication):  # type: ignore[misc]

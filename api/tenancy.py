@@ -15,10 +15,10 @@ import redis
 from flask import Flask, g, request
 
 from api import state
-from shared import keys
+from shared import redis_keys
 from shared.config import Settings
 from shared.errors import TooManyRequests, Unauthorized
-from shared.keyring import LOCAL_TENANT, KeyRing, check_exposure, key_ring
+from shared.api_keys import LOCAL_TENANT, KeyRing, check_exposure, key_ring
 
 # A client over its outstanding-jobs quota waits for some of its jobs to finish.
 QUOTA_RETRY_AFTER_S = 30
@@ -53,7 +53,7 @@ def limit_rate(tenant: str) -> None:
     """At most `RAGQ_RATE_LIMIT_PER_MIN` requests per tenant per calendar minute (one counter in Redis)."""
     api = state.get()
     now = time.time()
-    counter = keys.tenant_rate(tenant, int(now // 60))
+    counter = redis_keys.tenant_rate(tenant, int(now // 60))
     pipe = api.store.redis.pipeline(transaction=False)
     pipe.incr(counter)
     pipe.expire(counter, 120)

@@ -25,7 +25,7 @@ from typing import Any
 import requests
 
 from bench.common import child_env, report, stop_groups
-from shared import keys
+from shared import redis_keys
 from shared.redis_server import EmbeddedRedis, free_port, start_redis
 from shared.store import connect, ready_workers
 
@@ -98,11 +98,11 @@ class Chaos:
         client = connect(self.redis.url)
         held = {tag: raw for tag, raw in client.hgetall("unacked").items()}
         queues = {name: client.lrange(name, 0, -1) for name in client.keys("ragq.model.*")}
-        sets = {name: client.smembers(name) for name in client.keys(keys.worker_jobs("*"))}
-        pending = set(client.lrange(keys.batch_pending(batch_id), 0, -1))
+        sets = {name: client.smembers(name) for name in client.keys(redis_keys.worker_jobs("*"))}
+        pending = set(client.lrange(redis_keys.batch_pending(batch_id), 0, -1))
         found = []
-        for job_id in client.lrange(keys.batch_jobs(batch_id), 0, -1):
-            record = client.hgetall(keys.job(job_id))
+        for job_id in client.lrange(redis_keys.batch_jobs(batch_id), 0, -1):
+            record = client.hgetall(redis_keys.job(job_id))
             if record.get("status") in ("succeeded", "failed"):
                 continue
             found.append({
@@ -112,7 +112,7 @@ class Chaos:
                 "queues": [name for name, items in queues.items() if any(job_id in item for item in items)],
                 "worker_sets": [name for name, members in sets.items() if job_id in members],
                 "pending": job_id in pending,
-                "noted_as_sent": client.zscore(keys.sent(json.loads(record["model"])), job_id) is not None,
+                "noted_as_sent": client.zscore(redis_keys.sent(json.loads(record["model"])), job_id) is not None,
             })
         return found
 

@@ -1,1 +1,1 @@
-"""Code shared by the API and the workers: configuration, the job model, Redis keys and store, the prompt."""
+"""What the API and the workers both use: settings, the job and batch models, Redis keys, the job store, API keys."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from shared import keys
+from shared import redis_keys
 from shared.batches import COUNT_NAMES, Batch, BatchStatus
 from shared.errors import Conflict, NotFound, Unavailable
 from shared.jobs import Job, JobStatus
@@ -85,21 +85,21 @@ class BatchStore:
         only once everything is written."""
         shared_fields = {"model": batch.model, "created_at": batch.created_at, "batch_id": batch.id, "tenant": batch.tenant}
         common = json.dumps({name: json.dumps(value) for name, value in shared_fields.items()})
-        job_key = keys.job("{id}")
+        job_key = redis_keys.job("{id}")
         written: list[str] = []
         try:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
                 written += [row[0] for row in chunk]
                 self._create_items(
-                    keys=[keys.batch_jobs(batch.id), keys.batch_pending(batch.id)], args=[job_key, common, json.dumps(chunk)]
+                    keys=[redis_keys.batch_jobs(batch.id), redis_keys.batch_pending(batch.id)], args=[job_key, common, json.dumps(chunk)]
                 )
             pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(keys.batch(batch.id), mapping=batch.to_redis())
-            pipe.hset(keys.batch_counts(batch.id), mapping={name: 0 for name in COUNT_NAMES} | {"queued": len(items)})
-            pipe.zadd(keys.tenant_batches(batch.tenant), {batch.id: batch.created_at})
-            pipe.zadd(keys.batch_deadlines(), {batch.id: batch.expires_at})
-            pipe.rpush(keys.active_batches(batch.model), batch.id)
+            pipe.hset(redis_keys.batch(batch.id), mapping=batch.to_redis())
+            pipe.hset(redis_keys.batch_counts(batch.id), mapping={name: 0 for name in COUNT_NAMES} | {"queued": len(items)})
+            pipe.zadd(redis_keys.tenant_batches(batch.tenant), {batch.id: batch.created_at})
+            pipe.zadd(redis_keys.batch_deadlines(), {batch.id: batch.expires_at})
+            pipe.rpush(redis_keys.active_batches(batch.model), batch.id)
             pipe.execute()
         except redis.RedisError as exc:
             self._undo(batch.id, written)
@@ -108,16 +108,16 @@ class BatchStore:
     def _undo(self, batch_id: str, job_ids: list[str]) -> None:
         try:
             for start in range(0, len(job_ids), CHUNK):
-                self.redis.delete(*[keys.job(j) for j in job_ids[start : start + CHUNK]])
-            self.redis.delete(keys.batch_jobs(batch_id), keys.batch_pending(batch_id), keys.batch(batch_id))
+                self.redis.delete(*[redis_keys.job(j) for j in job_ids[start : start + CHUNK]])
+            self.redis.delete(redis_keys.batch_jobs(batch_id), redis_keys.batch_pending(batch_id), redis_keys.batch(batch_id))
         except redis.RedisError:
             pass
 
     def get(self, batch_id: str, tenant: str | None = None) -> tuple[Batch, dict[str, int]]:
         """The batch and its counts, read together. Another tenant's batch is not found, as if it did not exist."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hgetall(keys.batch(batch_id))
-        pipe.hgetall(keys.batch_counts(batch_id))
+        pipe.hgetall(redis_keys.batch(batch_id))
+        pipe.hgetall(redis_keys.batch_counts(batch_id))
         fields, counts = pipe.execute()
         batch = Batch.from_redis(fields) if fields else None
         if batch is None or (tenant is not None and batch.tenant != tenant):
@@ -130,7 +130,7 @@ class BatchStore:
 
     def list(self, tenant: str, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
         """The tenant's batches newest first, `limit` of them, starting after the batch `after`."""
-        index = keys.tenant_batches(tenant)
+        index = redis_keys.tenant_batches(tenant)
         start = 0
         if after is not None:
             rank = self.redis.zrevrank(index, after)
@@ -155,7 +155,7 @@ class BatchStore:
             raise NotFound(f"no batch with id {batch_id!r}")
         if BatchStatus(found).has_ended:
             raise Conflict(f"batch has already ended: {found}", details={"status": found})
-        self.redis.delete(keys.batch_pending(batch_id))
+        self.redis.delete(redis_keys.batch_pending(batch_id))
         self._move_items(batch_id, JobStatus.CANCELLED, [JobStatus.QUEUED], finished_at=time.time())
         return self.public(batch_id)
 
@@ -163,18 +163,18 @@ class BatchStore:
         """End every batch whose completion window has passed: unfinished items become `expired`."""
         now = time.time() if now is None else now
         expired = []
-        for batch_id in self.redis.zrangebyscore(keys.batch_deadlines(), "-inf", now):
+        for batch_id in self.redis.zrangebyscore(redis_keys.batch_deadlines(), "-inf", now):
             found = self.jobs.set_batch_status(
                 batch_id,
                 BatchStatus.EXPIRED.value,
                 [BatchStatus.IN_PROGRESS.value, BatchStatus.CANCELLING.value],
                 expired_at=now,
             )
-            self.redis.delete(keys.batch_pending(batch_id))
+            self.redis.delete(redis_keys.batch_pending(batch_id))
             if found and not BatchStatus(found).has_ended:
                 self._move_items(batch_id, JobStatus.EXPIRED, [JobStatus.QUEUED, JobStatus.RUNNING], finished_at=now)
                 expired.append(batch_id)
-            self.redis.zrem(keys.batch_deadlines(), batch_id)
+            self.redis.zrem(redis_keys.batch_deadlines(), batch_id)
         return expired
 
     def _move_items(self, batch_id: str, target: JobStatus, only_from: list[JobStatus], **fields: Any) -> int:
@@ -187,7 +187,7 @@ class BatchStore:
         """The batch's job ids in input order, in chunks."""
         start = 0
         while True:
-            ids = self.redis.lrange(keys.batch_jobs(batch_id), start, start + CHUNK - 1)
+            ids = self.redis.lrange(redis_keys.batch_jobs(batch_id), start, start + CHUNK - 1)
             if not ids:
                 return
             yield ids
@@ -199,7 +199,7 @@ class BatchStore:
         for ids in self.job_ids(batch_id):
             pipe = self.redis.pipeline(transaction=False)
             for job_id in ids:
-                pipe.hgetall(keys.job(job_id))
+                pipe.hgetall(redis_keys.job(job_id))
             for job_id, fields in zip(ids, pipe.execute(), strict=True):
                 if not fields:
                     continue
@@ -218,7 +218,7 @@ class BatchStore:
 
     def take_pending(self, model_name: str, n: int) -> list[str]:
         """Up to `n` pending items of `model_name`'s batches, round-robin, noted as sent (see `_TAKE_LUA`)."""
-        return list(self._take(args=[keys.active_batches(model_name), keys.batch_pending("{id}"), keys.sent(model_name), n]))
+        return list(self._take(args=[redis_keys.active_batches(model_name), redis_keys.batch_pending("{id}"), redis_keys.sent(model_name), n]))
 
 
 def encode_result(result: dict[str, Any]) -> bytes:

@@ -18,7 +18,7 @@ import pydantic
 from pydantic import BaseModel
 
 from shared.errors import PayloadTooLarge, ValidationFailed
-from shared.keyring import LOCAL_TENANT
+from shared.api_keys import LOCAL_TENANT
 from shared.jobs import JobRequestBase, RequestModels, iso
 
 MAX_REPORTED_ERRORS = 100

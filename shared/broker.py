@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from celery import Celery
 
-from shared import keys
+from shared import redis_keys
 from shared.config import Settings
 
 ANSWER_TASK = "ragq.answer"
@@ -45,7 +45,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         # The API must answer 503 quickly when Redis is down instead of retrying for long.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
-        task_default_queue=keys.model_queue(settings.default_model.name),
+        task_default_queue=redis_keys.model_queue(settings.default_model.name),
         worker_hijack_root_logger=False,
     )
     return app
@@ -66,7 +66,7 @@ SENT_HEADER = "ragq_sent"
 
 def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> str:
     """Note the jobs as sent now (Redis's clock; returned): from here on the message audit sees they get a message."""
-    return str(client.register_script(_MARK_SENT_LUA)(keys=[keys.sent(model_name)], args=job_ids))
+    return str(client.register_script(_MARK_SENT_LUA)(keys=[redis_keys.sent(model_name)], args=job_ids))
 
 
 def enqueue(app: Celery, client: redis.Redis, job_id: str, model_name: str, *, batch_item: bool = False) -> None:
@@ -80,6 +80,6 @@ def enqueue_many(app: Celery, client: redis.Redis, job_ids: list[str], model_nam
     if not job_ids:
         return
     sent_at = mark_sent(client, model_name, job_ids)
-    queue = keys.model_batch_queue(model_name) if batch_item else keys.model_queue(model_name)
+    queue = redis_keys.model_batch_queue(model_name) if batch_item else redis_keys.model_queue(model_name)
     for job_id in job_ids:
         app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at})

@@ -174,7 +174,7 @@ def _print_job(job: dict[str, Any]) -> None:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from shared.keyring import add_key
+    from shared.api_keys import add_key
 
     settings = Settings.from_env()
     path = Path(args.file) if args.file else settings.api_keys_file or settings.data_dir / "api-keys"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.keyring import parse_env_keys
+from shared.api_keys import parse_env_keys
 from shared.models import ModelSpec, parse_model_list, parse_model_spec
 
 ENV_PREFIX = "RAGQ_"

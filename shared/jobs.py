@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from shared.keyring import LOCAL_TENANT
+from shared.api_keys import LOCAL_TENANT
 from shared.config import MAX_NUM_BEAMS, MAX_TOP_K, Settings
 
 

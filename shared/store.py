@@ -15,24 +15,24 @@ from typing import Any
 
 import redis
 
-from shared import keys
+from shared import redis_keys
 from shared.errors import NotFound
-from shared.keyring import LOCAL_TENANT
+from shared.api_keys import LOCAL_TENANT
 from shared.jobs import Job, JobStatus, allowed_sources
 
 TEMPLATES = json.dumps(
     {
-        "batch": keys.batch("{id}"),
-        "counts": keys.batch_counts("{id}"),
-        "jobs": keys.batch_jobs("{id}"),
-        "events": keys.batch_events("{id}"),
-        "callbacks": keys.callbacks(),
-        "deadlines": keys.batch_deadlines(),
-        "worker_jobs": keys.worker_jobs("{id}"),
-        "with_jobs": keys.workers_with_jobs(),
-        "sent": keys.sent("{id}"),
-        "worker_alive": keys.worker_alive("{id}"),
-        "outstanding": keys.tenant_outstanding("{id}"),
+        "batch": redis_keys.batch("{id}"),
+        "counts": redis_keys.batch_counts("{id}"),
+        "jobs": redis_keys.batch_jobs("{id}"),
+        "events": redis_keys.batch_events("{id}"),
+        "callbacks": redis_keys.callbacks(),
+        "deadlines": redis_keys.batch_deadlines(),
+        "worker_jobs": redis_keys.worker_jobs("{id}"),
+        "with_jobs": redis_keys.workers_with_jobs(),
+        "sent": redis_keys.sent("{id}"),
+        "worker_alive": redis_keys.worker_alive("{id}"),
+        "outstanding": redis_keys.tenant_outstanding("{id}"),
         "local_tenant": LOCAL_TENANT,
     }
 )
@@ -216,22 +216,22 @@ class JobStore:
 
         Each job's final transition gives its place back; `release` gives back jobs that were never stored.
         """
-        return bool(self._reserve(keys=[keys.tenant_outstanding(tenant)], args=[jobs, cap]))
+        return bool(self._reserve(keys=[redis_keys.tenant_outstanding(tenant)], args=[jobs, cap]))
 
     def release(self, tenant: str, jobs: int) -> None:
-        self._release(keys=[keys.tenant_outstanding(tenant)], args=[jobs])
+        self._release(keys=[redis_keys.tenant_outstanding(tenant)], args=[jobs])
 
     def create(self, job: Job) -> None:
         """Store a new queued job (no TTL until it finishes)."""
-        self.redis.hset(keys.job(job.id), mapping=job.to_redis())
+        self.redis.hset(redis_keys.job(job.id), mapping=job.to_redis())
 
     def delete(self, job_id: str) -> None:
         """Remove a job record (used to undo a submission whose enqueue failed)."""
-        self.redis.delete(keys.job(job_id))
+        self.redis.delete(redis_keys.job(job_id))
 
     def get(self, job_id: str) -> Job:
         """The job, or `NotFound`."""
-        fields = self.redis.hgetall(keys.job(job_id))
+        fields = self.redis.hgetall(redis_keys.job(job_id))
         if not fields:
             raise NotFound(f"no job with id {job_id!r}")
         return Job.from_redis(fields)
@@ -240,7 +240,7 @@ class JobStore:
         """Current status of each job (None where it does not exist), in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hget(keys.job(job_id), "status")
+            pipe.hget(redis_keys.job(job_id), "status")
         return [JobStatus(s) if s else None for s in pipe.execute()]
 
     def _args(self, target: str, allowed: Sequence[str], fields: dict[str, Any]) -> list[Any]:
@@ -252,7 +252,7 @@ class JobStore:
     def transition(self, job_id: str, target: JobStatus, **fields: Any) -> Transition:
         """Move the job to `target` if the state machine allows it, writing `fields` with it."""
         sources = [s.value for s in allowed_sources(target)]
-        applied, previous = self._transition(keys=[keys.job(job_id)], args=self._args(target.value, sources, fields))
+        applied, previous = self._transition(keys=[redis_keys.job(job_id)], args=self._args(target.value, sources, fields))
         return Transition(bool(applied), JobStatus(previous) if previous else None)
 
     def transition_many(self, job_ids: Sequence[str], target: JobStatus, only_from: Sequence[JobStatus], **fields: Any) -> int:
@@ -260,11 +260,11 @@ class JobStore:
         sources = [s.value for s in only_from if s in allowed_sources(target)]
         if not job_ids:
             return 0
-        return int(self._bulk_transition(keys=[keys.job(j) for j in job_ids], args=self._args(target.value, sources, fields)))
+        return int(self._bulk_transition(keys=[redis_keys.job(j) for j in job_ids], args=self._args(target.value, sources, fields)))
 
     def set_batch_status(self, batch_id: str, target: str, only_from: Sequence[str], **fields: Any) -> str | None:
         """Set a batch's status if it is one of `only_from`; returns the status found (None: no such batch)."""
-        found = self._batch_status(keys=[keys.batch(batch_id)], args=self._args(target, only_from, fields))
+        found = self._batch_status(keys=[redis_keys.batch(batch_id)], args=self._args(target, only_from, fields))
         return found or None
 
     def wait_until_final(self, job_id: str, timeout_s: float) -> Job:
@@ -275,7 +275,7 @@ class JobStore:
         deadline = time.monotonic() + timeout_s
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(keys.job_events(job_id))
+            pubsub.subscribe(redis_keys.job_events(job_id))
             # Read again after subscribing: a change between the first read and the subscription
             # published before anyone listened.
             job = self.get(job_id)
@@ -293,13 +293,13 @@ class JobStore:
 def announce_worker(client: redis.Redis, worker_id: str, model_name: str) -> None:
     """Record that a worker process has loaded `model_name` and serves it."""
     entry = {"model": model_name, "ready_at": time.time()}
-    client.hset(keys.workers(), worker_id, json.dumps(entry))
+    client.hset(redis_keys.workers(), worker_id, json.dumps(entry))
 
 
 def ready_workers(client: redis.Redis, since: float, model_name: str | None = None) -> int:
     """How many worker processes announced readiness after `since` (for `model_name`, if given)."""
     count = 0
-    for raw in client.hvals(keys.workers()):
+    for raw in client.hvals(redis_keys.workers()):
         entry = json.loads(raw)
         if entry["ready_at"] >= since and model_name in (None, entry["model"]):
             count += 1

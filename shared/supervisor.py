@@ -18,7 +18,7 @@ import requests
 
 from shared.config import Settings
 from shared.errors import ConfigError
-from shared.keyring import UNAUTHENTICATED_NOTICE, check_exposure, key_ring
+from shared.api_keys import UNAUTHENTICATED_NOTICE, check_exposure, key_ring
 from shared.redis_server import EmbeddedRedis, start_redis
 from shared.store import ready_workers
 

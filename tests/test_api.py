@@ -9,7 +9,7 @@ import redis
 from flask.testing import FlaskClient
 
 from api import create_app
-from shared import keys
+from shared import redis_keys
 from shared.config import Settings
 from shared.jobs import JobStatus
 from shared.models import ModelSpec
@@ -31,7 +31,7 @@ def post(client: FlaskClient, body: Any) -> Any:
 
 
 def queue_length(client_redis: redis.Redis, model: str = "idle-t5") -> int:
-    return int(client_redis.llen(keys.model_queue(model)))
+    return int(client_redis.llen(redis_keys.model_queue(model)))
 
 
 def test_submit_returns_202_with_job_and_location(client: FlaskClient, redis_client: redis.Redis) -> None:

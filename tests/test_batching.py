@@ -14,7 +14,7 @@ import torch
 
 from shared.config import Settings
 from shared.jobs import Job, JobStatus
-from shared.prompt import DEFAULT_TEMPLATE, Prompt
+from worker.prompt import DEFAULT_TEMPLATE, Prompt
 from shared.redis_server import free_port
 from shared.store import JobStore, connect
 from worker.batching import BACKLOG, SKIPPED, Batcher, BatchItem

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.prompt import build_prompt
+from worker.prompt import build_prompt
 from worker.corpus import load_documents
 from worker.generation import Generator, load_generator
 from worker.pipeline import Question, answer

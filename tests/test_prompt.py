@@ -1,7 +1,7 @@
 import pytest
 
 from shared.errors import ConfigError
-from shared.prompt import DEFAULT_TEMPLATE, build_prompt, check_template, format_context
+from worker.prompt import DEFAULT_TEMPLATE, build_prompt, check_template, format_context
 
 DOCS = [
     {"section": f"s{i}", "question": f"question {i}", "text": "word " * 20 + f"end{i}"} for i in range(5)

@@ -14,7 +14,7 @@ import redis
 from flask.testing import FlaskClient
 from kombu import Connection, Exchange, Queue
 
-from shared import keys
+from shared import redis_keys
 from shared.batch_store import BatchStore
 from shared.batches import Batch
 from shared.broker import enqueue, make_celery
@@ -39,12 +39,12 @@ def running_job(store: JobStore, job_id: str, worker: str, attempts: int) -> Non
 
 def test_transitions_track_the_jobs_each_worker_runs(store: JobStore) -> None:
     running_job(store, "j1", "w1@h", 1)
-    assert store.redis.smembers(keys.worker_jobs("w1@h")) == {"j1"}
+    assert store.redis.smembers(redis_keys.worker_jobs("w1@h")) == {"j1"}
     store.transition("j1", JobStatus.RUNNING, worker="w2@h")
-    assert store.redis.smembers(keys.worker_jobs("w1@h")) == set()
-    assert store.redis.smembers(keys.worker_jobs("w2@h")) == {"j1"}
+    assert store.redis.smembers(redis_keys.worker_jobs("w1@h")) == set()
+    assert store.redis.smembers(redis_keys.worker_jobs("w2@h")) == {"j1"}
     store.transition("j1", JobStatus.SUCCEEDED)
-    assert store.redis.smembers(keys.worker_jobs("w2@h")) == set()
+    assert store.redis.smembers(redis_keys.worker_jobs("w2@h")) == set()
 
 
 def test_reaper_requeues_a_dead_workers_jobs_and_fails_exhausted_ones(
@@ -55,17 +55,17 @@ def test_reaper_requeues_a_dead_workers_jobs_and_fails_exhausted_ones(
     running_job(store, "other", "alive@h", 1)
     # Reserved by the dead worker, never claimed.
     store.create(Job(id="reserved", status=JobStatus.QUEUED, question="q", model="unserved", created_at=time.time()))
-    redis_client.sadd(keys.worker_jobs("dead@h"), "reserved")
-    redis_client.set(keys.worker_alive("alive@h"), "1", ex=10)
+    redis_client.sadd(redis_keys.worker_jobs("dead@h"), "reserved")
+    redis_client.set(redis_keys.worker_alive("alive@h"), "1", ex=10)
     requeued = housekeeper(store, settings).reap_dead_workers()
     assert sorted(requeued) == ["fresh", "reserved"]
-    assert redis_client.llen(keys.model_queue("unserved")) == 2
+    assert redis_client.llen(redis_keys.model_queue("unserved")) == 2
     assert store.get("fresh").status is JobStatus.RUNNING
     poison = store.get("poison")
     assert poison.status is JobStatus.FAILED
     assert poison.error == {"type": "worker_lost", "message": "the worker running this job died 3 times; not retried"}
     assert store.get("other").status is JobStatus.RUNNING
-    assert redis_client.smembers(keys.workers_with_jobs()) == {"alive@h"}
+    assert redis_client.smembers(redis_keys.workers_with_jobs()) == {"alive@h"}
     # A second reaper finds nothing left to do.
     assert housekeeper(store, settings, "other-reaper@test").reap_dead_workers() == []
 
@@ -88,7 +88,7 @@ def test_jobs_of_a_worker_killed_mid_batch_are_completed_by_another(
         ids = {j["id"] for j in jobs}
 
         def held() -> set[str]:
-            return set().union(*[redis_client.smembers(keys.worker_jobs(w)) for w in redis_client.smembers(keys.workers_with_jobs())])
+            return set().union(*[redis_client.smembers(redis_keys.worker_jobs(w)) for w in redis_client.smembers(redis_keys.workers_with_jobs())])
 
         # Kill once the worker has recorded every message it took (a message taken and not yet recorded
         # when a worker dies waits for the visibility timeout instead: a known, narrow window).
@@ -122,7 +122,7 @@ def test_pickle_message_is_refused_and_nothing_of_it_runs(
     client: FlaskClient, t5_worker: WorkerProcess, settings: Settings, tmp_path: Path
 ) -> None:
     marker = tmp_path / "unpickled"
-    queue_name = keys.model_queue("tiny-t5")
+    queue_name = redis_keys.model_queue("tiny-t5")
     exchange = Exchange(queue_name, type="direct")
     with Connection(settings.redis_url) as connection:
         producer = connection.Producer()
@@ -147,12 +147,12 @@ def test_job_running_past_the_time_limit_under_a_live_worker_is_requeued(
 ) -> None:
     running_job(store, "stuck", "alive@h", 1)
     running_job(store, "recent", "alive@h", 1)
-    redis_client.set(keys.worker_alive("alive@h"), "1", ex=10)
-    store.redis.hset(keys.job("stuck"), "started_at", json.dumps(time.time() - 1000))
+    redis_client.set(redis_keys.worker_alive("alive@h"), "1", ex=10)
+    store.redis.hset(redis_keys.job("stuck"), "started_at", json.dumps(time.time() - 1000))
     keeper = Housekeeper(BatchStore(store), make_celery(settings), "unserved", 8, None, worker_name="me@h", max_attempts=3, task_time_limit_s=60)
     assert keeper.requeue_overdue() == ["stuck"]
-    assert redis_client.llen(keys.model_queue("unserved")) == 1
-    assert redis_client.smembers(keys.worker_jobs("alive@h")) == {"recent"}
+    assert redis_client.llen(redis_keys.model_queue("unserved")) == 1
+    assert redis_client.smembers(redis_keys.worker_jobs("alive@h")) == {"recent"}
     # The live worker's claim was given up, so the re-sent message's claim goes through.
     assert store.transition("stuck", JobStatus.RUNNING, worker="me@h").applied
     assert not store.transition("recent", JobStatus.RUNNING, worker="me@h").applied
@@ -167,7 +167,7 @@ def test_message_audit_sends_again_a_message_taken_from_the_queue_but_never_deli
 ) -> None:
     # Kombu pops a message, then records its delivery; a connection lost in between drops the message.
     keeper = housekeeper(store, settings)
-    queue = keys.model_queue("unserved")
+    queue = redis_keys.model_queue("unserved")
     for job_id in ("dropped", "waiting"):
         queued_job(store, job_id)
         enqueue(keeper.celery, redis_client, job_id, "unserved")
@@ -197,9 +197,9 @@ def test_a_resent_job_does_not_make_the_jobs_behind_its_first_message_look_lost(
 
 def test_a_duplicate_message_never_takes_a_job_from_a_live_worker(store: JobStore, redis_client: redis.Redis) -> None:
     running_job(store, "busy", "alive@h", 1)
-    redis_client.set(keys.worker_alive("alive@h"), "1", ex=10)
+    redis_client.set(redis_keys.worker_alive("alive@h"), "1", ex=10)
     assert not store.transition("busy", JobStatus.RUNNING, worker="other@h").applied
-    redis_client.delete(keys.worker_alive("alive@h"))
+    redis_client.delete(redis_keys.worker_alive("alive@h"))
     assert store.transition("busy", JobStatus.RUNNING, worker="other@h").applied
     assert store.get("busy").worker == "other@h" and store.get("busy").attempts == 2
 
@@ -211,13 +211,13 @@ def test_message_audit_ignores_recent_messages_and_jobs_that_were_taken(
     for job_id in ("recent", "taken"):
         queued_job(store, job_id)
         enqueue(keeper.celery, redis_client, job_id, "unserved")
-    redis_client.delete(keys.model_queue("unserved"))
+    redis_client.delete(redis_keys.model_queue("unserved"))
     assert store.transition("taken", JobStatus.RUNNING, worker="alive@h").applied
-    redis_client.set(keys.worker_alive("alive@h"), "1", ex=10)
+    redis_client.set(redis_keys.worker_alive("alive@h"), "1", ex=10)
     assert keeper.audit_messages(stale_s=60) == []
     assert keeper.audit_messages(stale_s=0, slack_s=0) == ["recent"]
     # Taking a job ends the audit's watch over it.
-    assert redis_client.zrange(keys.sent("unserved"), 0, -1) == ["recent"]
+    assert redis_client.zrange(redis_keys.sent("unserved"), 0, -1) == ["recent"]
 
 
 def test_message_audit_takes_back_a_delivery_that_was_never_claimed(
@@ -226,19 +226,19 @@ def test_message_audit_takes_back_a_delivery_that_was_never_claimed(
     # A message delivered to a consumer whose connection then died (a Redis restart): Kombu would give it
     # back only after the visibility timeout, an hour by default.
     keeper = housekeeper(store, settings)
-    queue = keys.model_queue("unserved")
+    queue = redis_keys.model_queue("unserved")
     for job_id in ("orphan", "fresh"):
         queued_job(store, job_id)
         enqueue(keeper.celery, redis_client, job_id, "unserved")
     for tag, delivered_at in (("tag-orphan", time.time() - 120), ("tag-fresh", time.time())):
         payload = redis_client.rpop(queue)
-        redis_client.hset(keys.broker_unacked(), tag, json.dumps([json.loads(payload), queue, queue]))
-        redis_client.zadd(keys.broker_unacked_index(), {tag: delivered_at})
+        redis_client.hset(redis_keys.broker_unacked(), tag, json.dumps([json.loads(payload), queue, queue]))
+        redis_client.zadd(redis_keys.broker_unacked_index(), {tag: delivered_at})
     assert keeper.audit_messages(stale_s=60) == []  # sent just now
     seconds, _ = redis_client.time()
-    redis_client.zadd(keys.sent("unserved"), {"orphan": seconds - 100, "fresh": seconds - 100})
+    redis_client.zadd(redis_keys.sent("unserved"), {"orphan": seconds - 100, "fresh": seconds - 100})
     assert keeper.audit_messages(stale_s=60) == ["orphan"]
-    assert redis_client.hkeys(keys.broker_unacked()) == ["tag-fresh"]
+    assert redis_client.hkeys(redis_keys.broker_unacked()) == ["tag-fresh"]
     assert [job_of(m) for m in redis_client.lrange(queue, 0, -1)] == ["orphan"]
 
 
@@ -288,6 +288,6 @@ def test_batch_items_a_feeder_took_but_never_sent_are_sent_by_the_audit(
     items = [[f"00000000-0000-4000-8000-00000000000{i}", "q", None, 5, {}, str(i)] for i in range(2)]
     BatchStore(store).create(batch, items)
     taken = keeper.batches.take_pending("unserved", 2)  # and the feeder dies here
-    assert redis_client.llen(keys.model_batch_queue("unserved")) == 0
+    assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 0
     assert sorted(keeper.audit_messages(stale_s=0, slack_s=0)) == sorted(taken) == [row[0] for row in items]
-    assert redis_client.llen(keys.model_batch_queue("unserved")) == 2
+    assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 2

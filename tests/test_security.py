@@ -12,12 +12,12 @@ import redis
 from flask.testing import FlaskClient
 
 from api import create_app
-from shared import keys
+from shared import redis_keys
 from shared.cli import main as ragq
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.jobs import JobStatus
-from shared.keyring import KeyRing, hash_key, read_keys_file
+from shared.api_keys import KeyRing, hash_key, read_keys_file
 from shared.store import JobStore
 
 ACME_KEY = "acme-key-0123456789abcdef"
@@ -111,7 +111,7 @@ def test_outstanding_jobs_quota_gives_429_until_jobs_finish(settings: Settings, 
     # A finished (here: cancelled) job gives its place back.
     assert client.delete(f"/v1/jobs/{ids[0]}", headers=ACME).status_code == 200
     assert client.post("/v1/jobs", json=JOB, headers=ACME).status_code == 202
-    assert int(redis_client.get(keys.tenant_outstanding("acme")) or 0) == 3
+    assert int(redis_client.get(redis_keys.tenant_outstanding("acme")) or 0) == 3
 
 
 def test_rate_limit_gives_429_with_retry_after(settings: Settings, redis_client: redis.Redis) -> None:

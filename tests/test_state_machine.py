@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from shared import keys
+from shared import redis_keys
 from shared.jobs import TRANSITIONS, Job, JobStatus
 from shared.store import JobStore
 
@@ -31,16 +31,16 @@ def test_transition_applies_exactly_when_the_state_machine_allows_it(
 
 def test_final_transition_sets_ttl_and_queued_has_none(store: JobStore) -> None:
     job = make_job(store)
-    assert store.redis.ttl(keys.job(job.id)) == -1
+    assert store.redis.ttl(redis_keys.job(job.id)) == -1
     store.transition(job.id, JobStatus.RUNNING)
     store.transition(job.id, JobStatus.SUCCEEDED, answer="a")
-    assert 0 < store.redis.ttl(keys.job(job.id)) <= store.result_ttl_s
+    assert 0 < store.redis.ttl(redis_keys.job(job.id)) <= store.result_ttl_s
 
 
 def test_transition_of_unknown_job_applies_nothing(store: JobStore) -> None:
     outcome = store.transition("missing", JobStatus.CANCELLED)
     assert outcome.applied is False and outcome.previous is None
-    assert store.redis.exists(keys.job("missing")) == 0
+    assert store.redis.exists(redis_keys.job("missing")) == 0
 
 
 def test_running_claims_count_attempts(store: JobStore) -> None:

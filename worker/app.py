@@ -9,7 +9,7 @@ from typing import Any
 from celery import Celery, signals
 from kombu import Queue
 
-from shared import keys
+from shared import redis_keys
 from shared.broker import ANSWER_TASK, make_celery
 from shared.config import Settings
 from shared.errors import RagqError
@@ -25,10 +25,10 @@ def create_app(settings: Settings) -> Celery:
     caps = runtime.batch_settings(settings)
     app.conf.update(
         # This worker's model's queues, interactive first (the broker's queue_order_strategy is "priority").
-        task_default_queue=keys.model_queue(settings.worker_spec.name),
+        task_default_queue=redis_keys.model_queue(settings.worker_spec.name),
         task_queues=(
-            Queue(keys.model_queue(settings.worker_spec.name)),
-            Queue(keys.model_batch_queue(settings.worker_spec.name)),
+            Queue(redis_keys.model_queue(settings.worker_spec.name)),
+            Queue(redis_keys.model_batch_queue(settings.worker_spec.name)),
         ),
         # Threads, not processes: every job's task runs in the one process that holds the model, so
         # the batcher can put waiting jobs into one generate call. Twice the batch size lets the next
@@ -40,7 +40,7 @@ def create_app(settings: Settings) -> Celery:
     @app.task(name=ANSWER_TASK, bind=True)
     def answer(self: Any, job_id: str) -> str | None:
         delivery = self.request.delivery_info or {}
-        interactive = delivery.get("routing_key") != keys.model_batch_queue(settings.worker_spec.name)
+        interactive = delivery.get("routing_key") != redis_keys.model_batch_queue(settings.worker_spec.name)
         status = run_job(runtime.current(settings), job_id, self.request.hostname or "worker", interactive)
         return None if status is None else status.value
 

@@ -16,7 +16,7 @@ import time
 import requests
 from celery import Celery
 
-from shared import keys
+from shared import redis_keys
 from shared.batch_store import BatchStore
 from shared.broker import SENT_HEADER, enqueue, enqueue_many
 from shared.errors import NotFound
@@ -212,7 +212,7 @@ class Housekeeper:
 
     def heartbeat(self) -> None:
         """Say this worker process is alive; its running jobs are reclaimed once this stops."""
-        self.redis.set(keys.worker_alive(self.worker_name), "1", ex=HEARTBEAT_TTL_S)
+        self.redis.set(redis_keys.worker_alive(self.worker_name), "1", ex=HEARTBEAT_TTL_S)
 
     def _feed_loop(self) -> None:
         next_sweep = next_heartbeat = 0.0
@@ -235,7 +235,7 @@ class Housekeeper:
 
     def feed_once(self) -> int:
         """Top the batch queue up to `feed_depth` messages, round-robin over active batches."""
-        room = self.feed_depth - int(self.redis.llen(keys.model_batch_queue(self.model_name)))
+        room = self.feed_depth - int(self.redis.llen(redis_keys.model_batch_queue(self.model_name)))
         if room <= 0:
             return 0
         job_ids = self.batches.take_pending(self.model_name, room)
@@ -253,11 +253,11 @@ class Housekeeper:
         default); a job whose result is already stored by then is skipped.
         """
         requeued = []
-        for worker in self.redis.smembers(keys.workers_with_jobs()):
+        for worker in self.redis.smembers(redis_keys.workers_with_jobs()):
             if worker == self.worker_name:
                 continue
             job_ids = self._claim_dead_worker(
-                keys=[keys.worker_alive(worker), keys.worker_jobs(worker), keys.workers_with_jobs()], args=[worker]
+                keys=[redis_keys.worker_alive(worker), redis_keys.worker_jobs(worker), redis_keys.workers_with_jobs()], args=[worker]
             )
             for job_id in job_ids:
                 try:
@@ -267,7 +267,7 @@ class Housekeeper:
                 # Running under this worker, or under another dead one (a re-sent job this worker reserved).
                 held = job.status is JobStatus.QUEUED or (
                     job.status is JobStatus.RUNNING
-                    and (job.worker in (None, worker) or not self.redis.exists(keys.worker_alive(job.worker)))
+                    and (job.worker in (None, worker) or not self.redis.exists(redis_keys.worker_alive(job.worker)))
                 )
                 if not held:
                     continue
@@ -293,17 +293,17 @@ class Housekeeper:
         """
         cutoff = time.time() - self.task_time_limit_s - OVERDUE_MARGIN_S
         requeued = []
-        for worker in self.redis.smembers(keys.workers_with_jobs()):
-            for job_id in self.redis.smembers(keys.worker_jobs(worker)):
+        for worker in self.redis.smembers(redis_keys.workers_with_jobs()):
+            for job_id in self.redis.smembers(redis_keys.worker_jobs(worker)):
                 try:
                     job = self.batches.jobs.get(job_id)
                 except NotFound:
-                    self.redis.srem(keys.worker_jobs(worker), job_id)
+                    self.redis.srem(redis_keys.worker_jobs(worker), job_id)
                     continue
                 if job.status is JobStatus.RUNNING and job.worker == worker and (job.started_at or 0) < cutoff:
-                    self.redis.srem(keys.worker_jobs(worker), job_id)
+                    self.redis.srem(redis_keys.worker_jobs(worker), job_id)
                     # The live worker's claim stands in the way of the next one: give it up first.
-                    if not self._disown(keys=[keys.job(job_id)], args=[json.dumps(worker)]):
+                    if not self._disown(keys=[redis_keys.job(job_id)], args=[json.dumps(worker)]):
                         continue
                     self._send_again(job)
                     requeued.append(job_id)
@@ -315,13 +315,13 @@ class Housekeeper:
         """Send again the messages of this model's jobs that were lost on their way to a worker (see `_AUDIT_LUA`)."""
         lost = self._audit(
             keys=[
-                keys.sent(self.model_name),
-                keys.broker_unacked(),
-                keys.broker_unacked_index(),
-                keys.model_queue(self.model_name),
-                keys.model_batch_queue(self.model_name),
+                redis_keys.sent(self.model_name),
+                redis_keys.broker_unacked(),
+                redis_keys.broker_unacked_index(),
+                redis_keys.model_queue(self.model_name),
+                redis_keys.model_batch_queue(self.model_name),
             ],
-            args=[keys.job("{id}"), keys.worker_alive("{id}"), stale_s, AUDIT_LIMIT, slack_s, SENT_HEADER],
+            args=[redis_keys.job("{id}"), redis_keys.worker_alive("{id}"), stale_s, AUDIT_LIMIT, slack_s, SENT_HEADER],
         )
         resent = []
         for job_id in lost:
@@ -337,7 +337,7 @@ class Housekeeper:
 
     def _callback_loop(self) -> None:
         while not self._stop.is_set():
-            due = self._claim_callbacks(keys=[keys.callbacks()], args=[time.time(), CALLBACK_LEASE_S, 10])
+            due = self._claim_callbacks(keys=[redis_keys.callbacks()], args=[time.time(), CALLBACK_LEASE_S, 10])
             for batch_id in due:
                 self.deliver(batch_id)
             if not due:
@@ -373,14 +373,14 @@ class Housekeeper:
         if delivered:
             self._forget_callback(batch_id)
             return True
-        attempts = int(self.redis.hincrby(keys.callback_attempts(), batch_id, 1))
+        attempts = int(self.redis.hincrby(redis_keys.callback_attempts(), batch_id, 1))
         if attempts >= CALLBACK_MAX_ATTEMPTS:
             log.error("giving up on the callback of batch %s after %d attempts (%s)", batch_id, attempts, problem)
             self._forget_callback(batch_id)
         else:
-            self.redis.zadd(keys.callbacks(), {batch_id: time.time() + retry_delay_s(attempts)})
+            self.redis.zadd(redis_keys.callbacks(), {batch_id: time.time() + retry_delay_s(attempts)})
         return False
 
     def _forget_callback(self, batch_id: str) -> None:
-        self.redis.zrem(keys.callbacks(), batch_id)
-        self.redis.hdel(keys.callback_attempts(), batch_id)
+        self.redis.zrem(redis_keys.callbacks(), batch_id)
+        self.redis.hdel(redis_keys.callback_attempts(), batch_id)

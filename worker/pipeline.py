@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from shared.prompt import DEFAULT_TEMPLATE, Prompt, build_prompt
+from worker.prompt import DEFAULT_TEMPLATE, Prompt, build_prompt
 from worker.generation import Generation, GenerationError, Generator
 from worker.retrieval import Retriever, source_view
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import redis
 
-from shared import keys
+from shared import redis_keys
 from shared.batch_store import BatchStore
 from shared.broker import make_celery
 from shared.config import Settings
 from shared.errors import ModelLoadError
 from shared.jobs import JobStatus
 from shared.models import ModelSpec
-from shared.prompt import DEFAULT_TEMPLATE, check_template
+from worker.prompt import DEFAULT_TEMPLATE, check_template
 from shared.store import JobStore, announce_worker, connect
 from worker.batching import SKIPPED, BatchInfo, BatchItem, Batcher
 from worker.corpus import load_documents
@@ -130,7 +130,7 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     hostname = hostname or socket.gethostname()
     limits = BatchLimits(BatchCap(caps.max_batch_size), caps.max_batch_tokens)
     resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits, ledger=Ledger(settings.execution_ledger))
-    interactive_queue = keys.model_queue(spec.name)
+    interactive_queue = redis_keys.model_queue(spec.name)
     resident.batcher = Batcher(
         resident.run_batch,
         caps.max_batch_size,
@@ -164,8 +164,8 @@ def note_reserved(settings: Settings, worker: str, job_id: str) -> None:
     """Record that `worker` holds the message of `job_id` (see `Housekeeper.reap_dead_workers`)."""
     client = current(settings).store.redis
     pipe = client.pipeline(transaction=False)
-    pipe.sadd(keys.worker_jobs(worker), job_id)
-    pipe.sadd(keys.workers_with_jobs(), worker)
+    pipe.sadd(redis_keys.worker_jobs(worker), job_id)
+    pipe.sadd(redis_keys.workers_with_jobs(), worker)
     pipe.execute()
 
 

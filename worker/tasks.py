@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from shared import keys
+from shared import redis_keys
 from shared.jobs import JobStatus
 from shared.store import Transition
 from worker import pipeline
@@ -41,7 +41,7 @@ def run_job(resident: Resident, job_id: str, worker_name: str, interactive_messa
         if not claim.applied:
             # Cancelled before pick-up, already finished (a redelivered message), or expired.
             log.info("skipping job %s: status is %s", job_id, claim.previous)
-            store.redis.srem(keys.worker_jobs(worker_name), job_id)
+            store.redis.srem(redis_keys.worker_jobs(worker_name), job_id)
             return None
         job = store.get(job_id)
         resident.ledger.record("run", job_id, worker_name)

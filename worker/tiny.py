@@ -20,7 +20,7 @@ from transformers import (
     T5Config,
 )
 
-from shared.prompt import DEFAULT_TEMPLATE
+from worker.prompt import DEFAULT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>", "<|user|>", "<|assistant|>", "<|end|>"]
 # Phi-3's own chat format.
