@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from shared import redis_keys
+from shared.lua import with_now
 from shared.batches import COUNT_NAMES, Batch, BatchStatus
 from shared.errors import Conflict, NotFound, Unavailable
 from shared.jobs import Job, JobStatus
@@ -26,10 +27,9 @@ CHUNK = 2000
 # KEYS: none; ARGV[1] active list, ARGV[2] pending template, ARGV[3] the model's sent set, ARGV[4] n.
 # Rotates the active list, taking one item per batch per turn; drops batches whose pending list is empty.
 # Taken items are noted as sent at once: if the feeder dies before sending them, the message audit does.
-_TAKE_LUA = """
+_TAKE_LUA = with_now("""
 local active, sent, n = ARGV[1], ARGV[3], tonumber(ARGV[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local now = now()
 local taken = {}
 local batches = redis.call('LLEN', active)
 while #taken < n and batches > 0 do
@@ -44,7 +44,7 @@ while #taken < n and batches > 0 do
   end
 end
 return taken
-"""
+""")
 
 
 # KEYS[1] jobs list, KEYS[2] pending list; ARGV[1] job key template, ARGV[2] JSON of the fields every item

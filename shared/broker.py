@@ -6,6 +6,7 @@ import redis
 from celery import Celery
 
 from shared import redis_keys
+from shared.lua import with_now
 from shared.config import Settings
 
 ANSWER_TASK = "ragq.answer"
@@ -52,12 +53,11 @@ def make_celery(settings: Settings) -> Celery:
 
 
 # KEYS[1] the model's sent set; ARGV job ids. Scores them with Redis's clock, the one clock every sender shares.
-_MARK_SENT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+_MARK_SENT_LUA = with_now("""
+local now = now()
 for _, id in ipairs(ARGV) do redis.call('ZADD', KEYS[1], now, id) end
 return tostring(now)
-"""
+""")
 
 # Message header carrying the time `mark_sent` gave the message: the audit reads it off the oldest message
 # of a queue to tell whether a job's message has left it (see `worker.housekeeping`).

@@ -86,7 +86,7 @@ def load_settings(**overrides: Any) -> Settings:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.app import create_app
     from worker.corpus import load_documents
-    from worker.runtime import check_model
+    from worker.model_check import check_model
 
     settings = load_settings(worker_model=args.model)
     spec = settings.worker_spec

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from shared import redis_keys
+from shared.lua import with_now
 from shared.errors import NotFound
 from shared.api_keys import LOCAL_TENANT
 from shared.jobs import Job, JobStatus, allowed_sources
@@ -38,16 +39,11 @@ TEMPLATES = json.dumps(
 )
 
 # A library of Lua functions, prepended to each script below.
-_LUA_LIB = """
+_LUA_LIB = with_now("""
 local T = cjson.decode(ARGV[1])
 local RESULT_TTL = tonumber(ARGV[2])
 local function key(name, id) return (string.gsub(T[name], '{id}', id)) end
 local FINAL = {succeeded = true, failed = true, cancelled = true, expired = true}
-
-local function now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
 
 local function finish_batch(batch_id)
   local bkey = key('batch', batch_id)
@@ -125,7 +121,7 @@ local function set_of(list)
   for _, v in ipairs(list) do s[v] = true end
   return s
 end
-"""
+""")
 
 # KEYS[1] job; ARGV: templates, result ttl, target, allowed (JSON list), fields (JSON list of name, value).
 _TRANSITION_LUA = _LUA_LIB + """

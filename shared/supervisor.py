@@ -98,7 +98,7 @@ class Supervisor:
         return True
 
     def _child_env(self) -> dict[str, str] | None:
-        from worker.runtime import check_model
+        from worker.model_check import check_model
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")}
         env.update(self.settings.to_env())

@@ -108,9 +108,14 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+# Keys written whatever a test does: per-minute request counters (every `/v1` request) and the heartbeats of
+# the session's workers. The formats are pinned by tests/test_redis_keys.py.
+_NOISE_KEYS = re.compile(r"ragq:tenant:.+:rate:\d+|ragq:worker:.+:alive")
+
+
 def data_keys(client: redis.Redis) -> set[str]:
-    """Every key in Redis but the per-minute request counters, which every `/v1` request writes."""
-    return {key for key in client.keys("*") if not re.fullmatch(r"ragq:tenant:.+:rate:\d+", key)}
+    """Every key in Redis but request counters and worker heartbeats."""
+    return {key for key in client.keys("*") if not _NOISE_KEYS.fullmatch(key)}
 
 
 class TlsProxy:

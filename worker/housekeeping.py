@@ -17,6 +17,7 @@ import requests
 from celery import Celery
 
 from shared import redis_keys
+from shared.lua import with_now
 from shared.batch_store import BatchStore
 from shared.broker import SENT_HEADER, enqueue, enqueue_many
 from shared.errors import NotFound
@@ -62,9 +63,8 @@ AUDIT_SLACK_S = 5.0
 # under a live worker is refused.
 # KEYS: sent set, unacked hash, unacked index, interactive queue, batch queue.
 # ARGV: job key template, worker alive template, stale seconds, limit, slack seconds, sent header name.
-_AUDIT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+_AUDIT_LUA = with_now("""
+local now = now()
 local cutoff = now - tonumber(ARGV[3])
 local slack = tonumber(ARGV[5])
 local function message_of(payload)
@@ -122,7 +122,7 @@ for i = 1, #candidates, 2 do
   end
 end
 return lost
-"""
+""")
 
 # Gives up a live worker's claim on a job it no longer runs (see `requeue_overdue`), so the next claim is
 # allowed. KEYS[1] job; ARGV[1] the worker (JSON, as stored).

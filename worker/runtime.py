@@ -169,17 +169,6 @@ def note_reserved(settings: Settings, worker: str, job_id: str) -> None:
     pipe.execute()
 
 
-def check_model(spec: ModelSpec) -> str | None:
-    """Why `spec`'s model cannot be had (its config cannot be read), or None. Loads no weights."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(spec.source)
-    except (OSError, ValueError) as exc:
-        return str(exc).splitlines()[0]
-    return None
-
-
 def current(settings: Settings) -> Resident:
     """This process's resident state, loading it on first use if the worker's start-up signal did not."""
     with _start_lock:
