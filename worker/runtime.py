@@ -14,8 +14,6 @@ from typing import Any
 import redis
 
 from shared import redis_keys
-from shared.batch_store import BatchStore
-from shared.broker import make_celery
 from shared.config import Settings
 from shared.errors import ModelLoadError
 from shared.jobs import JobStatus
@@ -24,7 +22,7 @@ from worker.prompt import DEFAULT_TEMPLATE, check_template
 from shared.store import JobStore, announce_worker, connect
 from worker.batching import SKIPPED, BatchInfo, BatchItem, Batcher
 from worker.corpus import load_documents
-from worker.housekeeping import Housekeeper
+from worker.duties import Duties, start_duties
 from worker.ledger import Ledger
 from worker.generation import Generator, load_generator, resolve_device
 from worker.pipeline import BatchCap, BatchLimits, answer_batch
@@ -76,7 +74,7 @@ class Resident:
     hostname: str
     limits: BatchLimits
     batcher: Batcher | None = None
-    housekeeper: Housekeeper | None = None
+    duties: Duties | None = None
     ledger: Ledger = field(default_factory=lambda: Ledger(None))
 
     def run_batch(self, items: Sequence[BatchItem]) -> list[Any]:
@@ -140,19 +138,7 @@ def start(settings: Settings, hostname: str | None = None) -> Resident:
     )
     # Keep a few batches' worth of backlog items on the queue: enough to fill batches, shallow enough that a
     # newly submitted batch starts within seconds.
-    resident.housekeeper = Housekeeper(
-        BatchStore(store),
-        make_celery(settings),
-        spec.name,
-        FEED_BATCHES * caps.max_batch_size,
-        settings.callback_secret,
-        worker_name=hostname,
-        max_attempts=settings.max_attempts,
-        task_time_limit_s=settings.task_time_limit_s,
-        callback_allow_private=settings.callback_allow_private,
-    )
-    resident.housekeeper.heartbeat()
-    resident.housekeeper.start()
+    resident.duties = start_duties(settings, store, hostname, FEED_BATCHES * caps.max_batch_size)
     _resident = resident
     # `ragq serve` and the tests wait for this before sending work.
     announce_worker(store.redis, f"{hostname}:{os.getpid()}", spec.name)
