@@ -50,10 +50,10 @@ def store_and_enqueue(job: Job, reservation: tenancy.Reservation) -> None:
     api = state.get()
     # Noted before the record exists: if this process dies between storing and sending, the message audit
     # sends the job's message; if it dies before storing, the audit drops the note.
-    mark_sent(api.store.redis, job.model, [job.id])
+    sent_at = mark_sent(api.store.redis, job.model, [job.id])
     api.store.create(job)
     try:
-        enqueue(api.celery, api.store.redis, job.id, job.model)
+        enqueue(api.celery, api.store.redis, job.id, job.model, sent_at=sent_at)
     except Exception as exc:
         # Leave nothing half-written: a stored job that no worker will ever see is worse than none.
         try:

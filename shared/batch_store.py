@@ -19,7 +19,7 @@ from shared import redis_keys
 from shared.lua import with_now
 from shared.batches import COUNT_NAMES, Batch, BatchStatus
 from shared.errors import Conflict, NotFound, Unavailable
-from shared.jobs import Job, JobStatus
+from shared.jobs import Job, JobStatus, omitted_defaults
 from shared.store import JobStore
 
 CHUNK = 2000
@@ -47,22 +47,32 @@ return taken
 """)
 
 
+# The fields of a compact item row after its job id (see `shared.batches.batch_items`).
+ITEM_FIELDS = ("question", "course", "top_k", "params", "custom_id")
+
 # KEYS[1] jobs list, KEYS[2] pending list; ARGV[1] job key template, ARGV[2] JSON of the fields every item
-# shares (already JSON-encoded), ARGV[3] JSON list of [id, question, course, top_k, params, custom_id].
-# Writes each item as Job.to_redis would (a test pins the round trip), in Redis, from one compact payload:
-# encoding 100,000 jobs field by field in Python was most of the time spent accepting a batch.
+# shares (already JSON-encoded), ARGV[3] JSON list of rows [id, one value per ITEM_FIELDS name], ARGV[4] the
+# ITEM_FIELDS names, ARGV[5] JSON {name: JSON of its default} of the fields a job record leaves out while
+# at their default (`shared.jobs.omitted_defaults`). Writes each item as Job.to_redis would (a test pins the
+# round trip), in Redis, from one compact payload: encoding 100,000 jobs field by field in Python was most
+# of the time spent accepting a batch.
 _CREATE_ITEMS_LUA = """
 local common = cjson.decode(ARGV[2])
+local names = cjson.decode(ARGV[4])
+local defaults = cjson.decode(ARGV[5])
 local ids = {}
 for _, item in ipairs(cjson.decode(ARGV[3])) do
   local id = item[1]
-  local job = (string.gsub(ARGV[1], '{id}', id))
-  redis.call('HSET', job, 'status', 'queued', 'id', cjson.encode(id), 'question', cjson.encode(item[2]),
-    'model', common.model, 'created_at', common.created_at, 'batch_id', common.batch_id, 'tenant', common.tenant,
-    'custom_id', cjson.encode(item[6]))
-  if item[3] ~= cjson.null then redis.call('HSET', job, 'course', cjson.encode(item[3])) end
-  if item[4] ~= 5 then redis.call('HSET', job, 'top_k', item[4]) end
-  if next(item[5]) ~= nil then redis.call('HSET', job, 'params', cjson.encode(item[5])) end
+  local fields = {'status', 'queued', 'id', cjson.encode(id), 'model', common.model, 'created_at', common.created_at,
+    'batch_id', common.batch_id, 'tenant', common.tenant}
+  for i, name in ipairs(names) do
+    local encoded = cjson.encode(item[i + 1])
+    if encoded ~= defaults[name] then
+      table.insert(fields, name)
+      table.insert(fields, encoded)
+    end
+  end
+  redis.call('HSET', (string.gsub(ARGV[1], '{id}', id)), unpack(fields))
   table.insert(ids, id)
 end
 redis.call('RPUSH', KEYS[1], unpack(ids))
@@ -86,13 +96,15 @@ class BatchStore:
         shared_fields = {"model": batch.model, "created_at": batch.created_at, "batch_id": batch.id, "tenant": batch.tenant}
         common = json.dumps({name: json.dumps(value) for name, value in shared_fields.items()})
         job_key = redis_keys.job("{id}")
+        item_fields = json.dumps(ITEM_FIELDS)
+        defaults = json.dumps(omitted_defaults(ITEM_FIELDS))
         written: list[str] = []
         try:
             for start in range(0, len(items), CHUNK):
                 chunk = items[start : start + CHUNK]
                 written += [row[0] for row in chunk]
                 self._create_items(
-                    keys=[redis_keys.batch_jobs(batch.id), redis_keys.batch_pending(batch.id)], args=[job_key, common, json.dumps(chunk)]
+                    keys=[redis_keys.batch_jobs(batch.id), redis_keys.batch_pending(batch.id)], args=[job_key, common, json.dumps(chunk), item_fields, defaults]
                 )
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(redis_keys.batch(batch.id), mapping=batch.to_redis())

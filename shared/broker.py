@@ -60,7 +60,7 @@ return tostring(now)
 """)
 
 # Message header carrying the time `mark_sent` gave the message: the audit reads it off the oldest message
-# of a queue to tell whether a job's message has left it (see `worker.housekeeping`).
+# of a queue to tell whether a job's message has left it (see `worker.audit`).
 SENT_HEADER = "ragq_sent"
 
 
@@ -69,17 +69,28 @@ def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> str:
     return str(client.register_script(_MARK_SENT_LUA)(keys=[redis_keys.sent(model_name)], args=job_ids))
 
 
-def enqueue(app: Celery, client: redis.Redis, job_id: str, model_name: str, *, batch_item: bool = False) -> None:
+def enqueue(
+    app: Celery, client: redis.Redis, job_id: str, model_name: str, *, batch_item: bool = False, sent_at: str | None = None
+) -> None:
     """Put a job on its model's queue (interactive or batch), by task name, so the API never imports worker code."""
-    enqueue_many(app, client, [job_id], model_name, batch_item=batch_item)
+    enqueue_many(app, client, [job_id], model_name, batch_item=batch_item, sent_at=sent_at)
 
 
-def enqueue_many(app: Celery, client: redis.Redis, job_ids: list[str], model_name: str, *, batch_item: bool = False) -> None:
-    """Send one message per job, first noting them as sent so the message audit can find any that is lost
-    (see `worker.housekeeping.Housekeeper.audit_messages`)."""
+def enqueue_many(
+    app: Celery,
+    client: redis.Redis,
+    job_ids: list[str],
+    model_name: str,
+    *,
+    batch_item: bool = False,
+    sent_at: str | None = None,
+) -> None:
+    """Send one message per job, first noting them as sent (unless the caller did: `sent_at` from `mark_sent`),
+    so the message audit can find any that is lost (see `worker.audit`)."""
     if not job_ids:
         return
-    sent_at = mark_sent(client, model_name, job_ids)
+    if sent_at is None:
+        sent_at = mark_sent(client, model_name, job_ids)
     queue = redis_keys.model_batch_queue(model_name) if batch_item else redis_keys.model_queue(model_name)
     for job_id in job_ids:
         app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at})

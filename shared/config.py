@@ -76,13 +76,19 @@ class Settings:
         "RAGQ_MAX_INPUT_TOKENS", None, "Prompt length cap in tokens. Unset: the model's own limit.", lo=16, hi=1_000_000
     )
     max_body_bytes: int = _setting("RAGQ_MAX_BODY_BYTES", 64 * 1024, "Largest accepted request body.", lo=1024, hi=1 << 30)
-    max_batch_size: int | None = _setting(
-        "RAGQ_MAX_BATCH_SIZE", None, "Jobs per batch at most. Unset: 16 on CPU, 64 on CUDA.", lo=1, hi=1024
+    # The next three size a worker's microbatches (the jobs that share one pipeline pass), not the API's
+    # batches; their variables keep the names they had before the two words were told apart.
+    max_microbatch_size: int | None = _setting(
+        "RAGQ_MAX_BATCH_SIZE", None, "Jobs per microbatch (one pipeline pass) at most. Unset: 16 on CPU, 64 on CUDA.", lo=1, hi=1024
     )
-    batch_wait_ms: int | None = _setting(
-        "RAGQ_BATCH_WAIT_MS", None, "How long a batch waits for more jobs after its first. Unset: 20 on CPU, 5 on CUDA.", lo=0, hi=10_000
+    microbatch_wait_ms: int | None = _setting(
+        "RAGQ_BATCH_WAIT_MS",
+        None,
+        "How long a microbatch waits for more jobs after its first. Unset: 20 on CPU, 5 on CUDA.",
+        lo=0,
+        hi=10_000,
     )
-    max_batch_tokens: int | None = _setting(
+    max_microbatch_tokens: int | None = _setting(
         "RAGQ_MAX_BATCH_TOKENS",
         None,
         "Padded prompt tokens x beams per generate call at most. Unset: 16384 on CPU, 65536 on CUDA.",

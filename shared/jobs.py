@@ -7,6 +7,7 @@ import functools
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -212,6 +213,11 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
+def omitted_defaults(names: Sequence[str]) -> dict[str, str]:
+    """For the fields among `names` that `Job.to_redis` leaves out while at their default: the default as JSON."""
+    return {name: json.dumps(_DEFAULTS[name]) for name in names if name not in _REQUIRED}
+
+
 class SourceView(BaseModel):
     """A retrieved FAQ entry, in rank order."""
 
@@ -229,11 +235,11 @@ class JobErrorView(BaseModel):
 
 class TimingsView(BaseModel):
     queue_ms: float | None = Field(None, description="From submission to a worker taking the job.")
-    batch_wait_ms: float | None = Field(None, description="Time the job waited for its batch to fill.")
+    microbatch_wait_ms: float | None = Field(None, description="Time the job waited in the worker for its microbatch to start.")
     retrieval_ms: float | None = None
-    generation_ms: float | None = Field(None, description="The generate call of the job's batch.")
+    generation_ms: float | None = Field(None, description="The generate call that answered the job.")
     total_ms: float | None = None
-    batch_size: int | None = Field(None, description="Jobs in the generate call this job ran in.")
+    microbatch_size: int | None = Field(None, description="Jobs in the microbatch (one pipeline pass) this job ran in.")
 
 
 class UsageView(BaseModel):

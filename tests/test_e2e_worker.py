@@ -146,7 +146,7 @@ def test_message_is_acknowledged_only_after_the_result_is_stored(
         time.sleep(0.02)
 
 
-def test_jobs_waiting_together_share_a_batch(client: FlaskClient, t5_worker: WorkerProcess) -> None:
+def test_jobs_waiting_together_share_a_microbatch(client: FlaskClient, t5_worker: WorkerProcess) -> None:
     params = {"max_new_tokens": 4, "min_new_tokens": 4, "num_beams": 1}
     # Occupy the worker so the next jobs wait for it together.
     blocker = submit(client, question=QUESTIONS[0], params={"max_new_tokens": 300, "min_new_tokens": 300, "num_beams": 4})
@@ -154,6 +154,6 @@ def test_jobs_waiting_together_share_a_batch(client: FlaskClient, t5_worker: Wor
     assert wait(client, blocker["id"])["status"] == "succeeded"
     done = [wait(client, j["id"]) for j in jobs]
     assert all(j["status"] == "succeeded" for j in done)
-    sizes = [j["timings"]["batch_size"] for j in done]
+    sizes = [j["timings"]["microbatch_size"] for j in done]
     assert max(sizes) > 1
-    assert all(j["timings"]["batch_wait_ms"] is not None for j in done)
+    assert all(j["timings"]["microbatch_wait_ms"] is not None for j in done)

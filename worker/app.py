@@ -1,4 +1,4 @@
-"""The worker's Celery app: one task per job on a thread pool, feeding one resident model through a batcher."""
+"""The worker's Celery app: one task per job on a thread pool, feeding one resident model through a microbatcher."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings) -> Celery:
     """A Celery app that consumes only the queue of `settings.worker_spec`."""
     app = make_celery(settings)
-    caps = runtime.batch_settings(settings)
+    caps = runtime.microbatch_settings(settings)
     app.conf.update(
         # This worker's model's queues, interactive first (the broker's queue_order_strategy is "priority").
         task_default_queue=redis_keys.model_queue(settings.worker_spec.name),
@@ -31,8 +31,8 @@ def create_app(settings: Settings) -> Celery:
             Queue(redis_keys.model_batch_queue(settings.worker_spec.name)),
         ),
         # Threads, not processes: every job's task runs in the one process that holds the model, so
-        # the batcher can put waiting jobs into one generate call. Twice the batch size lets the next
-        # batch fill while one runs. With prefetch 1 a worker reserves only as many messages as threads.
+        # the microbatcher can put waiting jobs into one pipeline pass. Twice the microbatch size lets the
+        # next microbatch fill while one runs. With prefetch 1 a worker reserves only as many messages as threads.
         worker_pool="threads",
         worker_concurrency=caps.thread_pool_size,
     )
@@ -41,14 +41,14 @@ def create_app(settings: Settings) -> Celery:
     def answer(self: Any, job_id: str) -> str | None:
         delivery = self.request.delivery_info or {}
         interactive = delivery.get("routing_key") != redis_keys.model_batch_queue(settings.worker_spec.name)
-        status = run_job(runtime.current(settings), job_id, self.request.hostname or "worker", interactive)
+        status = run_job(runtime.current(settings, self.request.hostname), job_id, interactive)
         return None if status is None else status.value
 
     def load_before_consuming(sender: Any = None, **_: Any) -> None:
         # In the worker's own process before it consumes; the thread pool never forks.
         try:
-            # The node name jobs record as their `worker`: the heartbeat must carry the same one.
-            runtime.start(settings, hostname=getattr(sender, "hostname", None))
+            # Celery's node name is the worker's one name: jobs record it, the heartbeat carries it.
+            runtime.current(settings, getattr(sender, "hostname", None))
         except RagqError as exc:
             log.error("ragq worker: %s", exc.message)
             os._exit(2)
@@ -57,7 +57,7 @@ def create_app(settings: Settings) -> Celery:
         # A message this worker reserved but has not claimed yet is lost with the worker until the
         # visibility timeout; recording it lets the reaper send it again at once if the worker dies.
         if request is not None and request.args:
-            runtime.note_reserved(settings, request.hostname, request.args[0])
+            runtime.note_reserved(runtime.current(settings, request.hostname), request.args[0])
 
     signals.worker_init.connect(load_before_consuming, weak=False)
     signals.task_received.connect(note_received, weak=False)

@@ -1,7 +1,7 @@
-"""The pure RAG pipeline: retrieve -> build prompt -> generate, for one question or a batch.
+"""The pure RAG pipeline: retrieve -> build prompt -> generate, for one question or a microbatch.
 
-No Redis, no Celery, no GPU needed. A batch runs one retrieval pass and one `generate` call per group of
-questions whose generation settings can share a call, split further by the batch caps. One bad question fails
+No Redis, no Celery, no GPU needed. A microbatch runs one retrieval pass and one `generate` call per group of
+questions whose generation settings can share a call, split further by the call caps. One bad question fails
 alone: preparation errors are per question, and a failing `generate` call is split in halves until the
 failure is isolated.
 """
@@ -43,7 +43,8 @@ class Answer:
     completion_tokens: int
     retrieval_ms: float
     generation_ms: float
-    batch_size: int = 1
+    # Questions in the `generate` call that answered this one.
+    call_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class Prepared:
         return int(self.params.get("num_beams", 1))
 
 
-class BatchCap:
+class CallSizeCap:
     """The most questions one `generate` call may take: lowered after an out-of-memory error, restored later."""
 
     def __init__(self, ceiling: int, recover_after_s: float = 60.0) -> None:
@@ -91,11 +92,11 @@ class BatchCap:
 
 
 @dataclass(frozen=True)
-class BatchLimits:
+class CallLimits:
     """Caps on one `generate` call: a count (adaptive) and padded input tokens times beams."""
 
-    cap: BatchCap
-    max_batch_tokens: int
+    cap: CallSizeCap
+    max_tokens: int
 
 
 def prepare(
@@ -138,7 +139,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def generate_isolating(
-    generator: Generator, prompts: list[str], params: dict[str, Any], cap: BatchCap
+    generator: Generator, prompts: list[str], params: dict[str, Any], cap: CallSizeCap
 ) -> list[Generation | Exception]:
     """One `generate` call; if it raises, split it in halves and retry, so a bad input fails alone."""
     try:
@@ -150,30 +151,30 @@ def generate_isolating(
             cap.lower(len(prompts))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            log.warning("out of memory generating %d prompts; batch cap now %d", len(prompts), cap.value)
+            log.warning("out of memory generating %d prompts; call size cap now %d", len(prompts), cap.value)
         else:
-            log.warning("generate failed for a batch of %d (%s); splitting it", len(prompts), exc)
+            log.warning("generate failed for a call of %d (%s); splitting it", len(prompts), exc)
         middle = len(prompts) // 2
         return generate_isolating(generator, prompts[:middle], params, cap) + generate_isolating(
             generator, prompts[middle:], params, cap
         )
 
 
-def answer_batch(
+def answer_microbatch(
     questions: Sequence[Question],
     retriever: Retriever,
     generator: Generator,
     template: str = DEFAULT_TEMPLATE,
-    limits: BatchLimits | None = None,
+    limits: CallLimits | None = None,
 ) -> list[Answer | Exception]:
     """Answer every question; each result is an `Answer` or the exception that failed that question alone."""
-    limits = limits or BatchLimits(BatchCap(max(1, len(questions))), max_batch_tokens=1 << 40)
+    limits = limits or CallLimits(CallSizeCap(max(1, len(questions))), max_tokens=1 << 40)
     results: list[Answer | Exception | None] = [None] * len(questions)
     prepared: list[Prepared] = [None] * len(questions)  # type: ignore[list-item]
     ready: list[int] = []
     started = time.perf_counter()
     retrieved = retriever.search_many([(q.question, q.course, q.top_k) for q in questions])
-    # One pass for the batch; each question is charged its share.
+    # One pass for the microbatch; each question is charged its share.
     retrieval_ms = (time.perf_counter() - started) * 1000 / max(1, len(questions))
     for i, question in enumerate(questions):
         try:
@@ -181,7 +182,7 @@ def answer_batch(
             ready.append(i)
         except Exception as exc:
             results[i] = exc
-    for call in plan_calls(prepared, ready, limits.cap.value, limits.max_batch_tokens):
+    for call in plan_calls(prepared, ready, limits.cap.value, limits.max_tokens):
         started = time.perf_counter()
         prompts = [prepared[i].prompt.text for i in call]
         generations = generate_isolating(generator, prompts, prepared[call[0]].params, limits.cap)
@@ -192,7 +193,7 @@ def answer_batch(
     return results  # type: ignore[return-value]
 
 
-def _answer(prepared: Prepared, generation: Generation, generation_ms: float, batch_size: int) -> Answer:
+def _answer(prepared: Prepared, generation: Generation, generation_ms: float, call_size: int) -> Answer:
     used = prepared.prompt.sources_used
     return Answer(
         text=generation.text,
@@ -201,13 +202,13 @@ def _answer(prepared: Prepared, generation: Generation, generation_ms: float, ba
         completion_tokens=generation.completion_tokens,
         retrieval_ms=prepared.retrieval_ms,
         generation_ms=generation_ms,
-        batch_size=batch_size,
+        call_size=call_size,
     )
 
 
 def answer(question: Question, retriever: Retriever, generator: Generator, template: str = DEFAULT_TEMPLATE) -> Answer:
     """Answer one question from the FAQ with the resident model (the seed's one-at-a-time shape)."""
-    [result] = answer_batch([question], retriever, generator, template)
+    [result] = answer_microbatch([question], retriever, generator, template)
     if isinstance(result, Exception):
         raise result
     return result

@@ -1,9 +1,8 @@
-"""What a worker process keeps resident: settings, job store, retriever, model, batcher. Loaded once."""
+"""What a worker process keeps resident, built once in one step: model, retriever, microbatcher, duties."""
 
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -18,86 +17,98 @@ from shared.config import Settings
 from shared.errors import ModelLoadError
 from shared.jobs import JobStatus
 from shared.models import ModelSpec
-from worker.prompt import DEFAULT_TEMPLATE, check_template
 from shared.store import JobStore, announce_worker, connect
-from worker.batching import SKIPPED, BatchInfo, BatchItem, Batcher
 from worker.corpus import load_documents
 from worker.duties import Duties, start_duties
-from worker.ledger import Ledger
 from worker.generation import Generator, load_generator, resolve_device
-from worker.pipeline import BatchCap, BatchLimits, answer_batch
+from worker.handoff import InteractiveHandoff
+from worker.ledger import Ledger
+from worker.microbatcher import SKIPPED, Microbatcher, MicrobatchInfo, MicrobatchItem
+from worker.pipeline import CallLimits, CallSizeCap, answer_microbatch
+from worker.prompt import DEFAULT_TEMPLATE, check_template
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
-FEED_BATCHES = 4
-# Longest pause before a backlog batch while an interactive job is on its way (see Batcher).
-HANDOFF_MS = 100
+# Backlog items kept on the model's batch queue, in microbatches: enough to fill microbatches, shallow enough
+# that a newly submitted batch starts within seconds.
+FEED_MICROBATCHES = 4
 
-# (max_batch_size, batch_wait_ms, max_batch_tokens) when not configured.
-BATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 65_536)}
+# (max_microbatch_size, microbatch_wait_ms, max_microbatch_tokens) when not configured.
+MICROBATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 65_536)}
 
 
 @dataclass(frozen=True)
-class BatchSettings:
-    max_batch_size: int
-    batch_wait_ms: int
-    max_batch_tokens: int
+class MicrobatchSettings:
+    """The microbatch caps this worker runs with."""
+
+    max_size: int
+    wait_ms: int
+    max_tokens: int
 
     @property
     def thread_pool_size(self) -> int:
-        """Celery threads: one batch running while the next one fills."""
-        return 2 * self.max_batch_size
+        """Celery threads: one microbatch running while the next one fills."""
+        return 2 * self.max_size
 
 
-def batch_settings(settings: Settings) -> BatchSettings:
-    """The configured batch caps, or the defaults for the device this worker runs on."""
-    size, wait_ms, tokens = BATCH_DEFAULTS["cuda" if resolve_device(settings.device).type == "cuda" else "cpu"]
-    return BatchSettings(
-        max_batch_size=settings.max_batch_size or size,
-        batch_wait_ms=wait_ms if settings.batch_wait_ms is None else settings.batch_wait_ms,
-        max_batch_tokens=settings.max_batch_tokens or tokens,
+def microbatch_settings(settings: Settings) -> MicrobatchSettings:
+    """The configured microbatch caps, or the defaults for the device this worker runs on."""
+    size, wait_ms, tokens = MICROBATCH_DEFAULTS["cuda" if resolve_device(settings.device).type == "cuda" else "cpu"]
+    return MicrobatchSettings(
+        max_size=settings.max_microbatch_size or size,
+        wait_ms=wait_ms if settings.microbatch_wait_ms is None else settings.microbatch_wait_ms,
+        max_tokens=settings.max_microbatch_tokens or tokens,
     )
 
 
-@dataclass
-class Resident:
-    """Everything a worker process needs to answer jobs, built once."""
+@dataclass(frozen=True)
+class Answerer:
+    """Answers one microbatch: skips jobs cancelled while they waited, then one pipeline pass for the rest."""
 
-    settings: Settings
-    spec: ModelSpec
     store: JobStore
     retriever: Retriever
     generator: Generator
     template: str
-    hostname: str
-    limits: BatchLimits
-    batcher: Batcher | None = None
-    duties: Duties | None = None
-    ledger: Ledger = field(default_factory=lambda: Ledger(None))
+    limits: CallLimits
 
-    def run_batch(self, items: Sequence[BatchItem]) -> list[Any]:
-        """Answer a batch: skip jobs cancelled while they waited, then one pipeline pass for the rest."""
+    def __call__(self, items: Sequence[MicrobatchItem]) -> list[Any]:
+        """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
         try:
             statuses = self.store.statuses([item.job_id for item in items])
         except redis.RedisError:
             # Redis is away (a restart): answer them all. A job cancelled meanwhile keeps its status, since
             # the final transition refuses to overwrite it, and the results wait for Redis to come back.
-            log.warning("cannot read the batch's statuses; answering all %d jobs", len(items))
+            log.warning("cannot read the microbatch's statuses; answering all %d jobs", len(items))
             statuses = [JobStatus.RUNNING] * len(items)
         live = [i for i, status in enumerate(statuses) if status is JobStatus.RUNNING]
         results: list[Any] = [SKIPPED] * len(items)
-        answers = answer_batch([items[i].payload for i in live], self.retriever, self.generator, self.template, self.limits)
+        answers = answer_microbatch([items[i].payload for i in live], self.retriever, self.generator, self.template, self.limits)
         now = time.monotonic()
-        wait_ms = {i: (now - items[i].enqueued_at) * 1000 for i in live}
         for i, result in zip(live, answers, strict=True):
-            results[i] = result if isinstance(result, Exception) else (result, BatchInfo(len(live), wait_ms[i]))
+            info = MicrobatchInfo(len(live), (now - items[i].enqueued_at) * 1000)
+            results[i] = result if isinstance(result, Exception) else (result, info)
         return results
 
 
-_resident: Resident | None = None
-_start_lock = threading.Lock()
+@dataclass(frozen=True)
+class Resident:
+    """Everything a worker process needs to answer jobs, built once by `load`."""
+
+    settings: Settings
+    worker_name: str
+    store: JobStore
+    served_by: str
+    microbatcher: Microbatcher
+    handoff: InteractiveHandoff
+    duties: Duties
+    ledger: Ledger = field(default_factory=lambda: Ledger(None))
+
+    @property
+    def model_name(self) -> str:
+        """The served model's name (what jobs ask for)."""
+        return self.settings.worker_spec.name
 
 
 def load_model(spec: ModelSpec, settings: Settings) -> Generator:
@@ -114,48 +125,51 @@ def load_model(spec: ModelSpec, settings: Settings) -> Generator:
         return load_generator(str(path), label=label, **options)
 
 
-def start(settings: Settings, hostname: str | None = None) -> Resident:
-    """Load corpus, index and model, warm the model up, start the batcher, and keep them for this process."""
-    global _resident
+def load(settings: Settings, worker_name: str) -> Resident:
+    """Load corpus, index and model, warm the model up, start the microbatcher and the duties, announce readiness."""
     spec = settings.worker_spec
     template = check_template(settings.read_prompt_template() or DEFAULT_TEMPLATE)
     documents = load_documents(settings.documents, settings.data_dir)
     retriever = Retriever(documents)
     generator = load_model(spec, settings)
     generator.warm_up()
-    caps = batch_settings(settings)
+    caps = microbatch_settings(settings)
     store = JobStore(connect(settings.effective_redis_url, threads=caps.thread_pool_size), settings.result_ttl_s)
-    hostname = hostname or socket.gethostname()
-    limits = BatchLimits(BatchCap(caps.max_batch_size), caps.max_batch_tokens)
-    resident = Resident(settings, spec, store, retriever, generator, template, hostname, limits, ledger=Ledger(settings.execution_ledger))
     interactive_queue = redis_keys.model_queue(spec.name)
-    resident.batcher = Batcher(
-        resident.run_batch,
-        caps.max_batch_size,
-        caps.batch_wait_ms,
-        HANDOFF_MS,
-        interactive_waiting=lambda: bool(store.redis.llen(interactive_queue)),
+    handoff = InteractiveHandoff(lambda: bool(store.redis.llen(interactive_queue)))
+    answerer = Answerer(store, retriever, generator, template, CallLimits(CallSizeCap(caps.max_size), caps.max_tokens))
+    resident = Resident(
+        settings=settings,
+        worker_name=worker_name,
+        store=store,
+        served_by=generator.label,
+        microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff),
+        handoff=handoff,
+        duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size),
+        ledger=Ledger(settings.execution_ledger),
     )
-    # Keep a few batches' worth of backlog items on the queue: enough to fill batches, shallow enough that a
-    # newly submitted batch starts within seconds.
-    resident.duties = start_duties(settings, store, hostname, FEED_BATCHES * caps.max_batch_size)
-    _resident = resident
     # `ragq serve` and the tests wait for this before sending work.
-    announce_worker(store.redis, f"{hostname}:{os.getpid()}", spec.name)
-    log.info("ragq worker ready: model %s, %d documents, batches of up to %d", spec.name, len(documents), caps.max_batch_size)
+    announce_worker(store.redis, worker_name, spec.name)
+    log.info("ragq worker ready: model %s, %d documents, microbatches of up to %d", spec.name, len(documents), caps.max_size)
     return resident
 
 
-def note_reserved(settings: Settings, worker: str, job_id: str) -> None:
-    """Record that `worker` holds the message of `job_id` (see `Housekeeper.reap_dead_workers`)."""
-    client = current(settings).store.redis
-    pipe = client.pipeline(transaction=False)
-    pipe.sadd(redis_keys.worker_jobs(worker), job_id)
-    pipe.sadd(redis_keys.workers_with_jobs(), worker)
-    pipe.execute()
+_resident: Resident | None = None
+_load_lock = threading.Lock()
 
 
-def current(settings: Settings) -> Resident:
+def current(settings: Settings, worker_name: str | None = None) -> Resident:
     """This process's resident state, loading it on first use if the worker's start-up signal did not."""
-    with _start_lock:
-        return _resident if _resident is not None else start(settings)
+    global _resident
+    with _load_lock:
+        if _resident is None:
+            _resident = load(settings, worker_name or socket.gethostname())
+        return _resident
+
+
+def note_reserved(resident: Resident, job_id: str) -> None:
+    """Record that this worker holds the message of `job_id` (see `worker.liveness`: a dead worker's jobs)."""
+    pipe = resident.store.redis.pipeline(transaction=False)
+    pipe.sadd(redis_keys.worker_jobs(resident.worker_name), job_id)
+    pipe.sadd(redis_keys.workers_with_jobs(), resident.worker_name)
+    pipe.execute()

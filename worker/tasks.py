@@ -1,9 +1,10 @@
-"""The Celery task's body: claim the job, hand it to the batcher, store the outcome. One task per job."""
+"""The Celery task's body: claim the job, hand it to the microbatcher, store the outcome. One task per job."""
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from shared import redis_keys
 from shared.jobs import JobStatus
 from shared.store import Transition
 from worker import pipeline
-from worker.batching import BACKLOG, INTERACTIVE, BatchInfo, Skipped
+from worker.microbatcher import BACKLOG, INTERACTIVE, MicrobatchInfo, Skipped
 from worker.generation import GenerationError
 from worker.runtime import Resident
 
@@ -25,45 +26,34 @@ T = TypeVar("T")
 STORE_RETRY_S = 120
 
 
-def run_job(resident: Resident, job_id: str, worker_name: str, interactive_message: bool = True) -> JobStatus | None:
+def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -> JobStatus | None:
     """Claim, answer and finish one job; returns the final status it wrote, or None when it skipped the job."""
-    store = resident.store
-    batcher = resident.batcher
-    assert batcher is not None
     started_at = time.time()
-    if interactive_message:
-        # The batcher holds the next backlog batch back while an interactive job is on its way to it.
-        batcher.expect_interactive()
-    job = None
-    handed_over = False
+    # The microbatcher holds the next backlog microbatch back while an interactive job is on its way to it.
+    on_its_way = resident.handoff.interactive_on_its_way() if interactive_message else nullcontext()
     try:
-        claim = store.transition(job_id, JobStatus.RUNNING, started_at=started_at, worker=worker_name)
-        if not claim.applied:
-            # Cancelled before pick-up, already finished (a redelivered message), or expired.
-            log.info("skipping job %s: status is %s", job_id, claim.previous)
-            store.redis.srem(redis_keys.worker_jobs(worker_name), job_id)
-            return None
-        job = store.get(job_id)
-        resident.ledger.record("run", job_id, worker_name)
-        if job.attempts > resident.settings.max_attempts:
-            # Delivered again after its worker died each time: it may be what kills them.
-            message = f"the worker running this job died {job.attempts - 1} times; not retried"
-            return _fail(resident, job_id, started_at, "worker_lost", message)
-        if job.model != resident.spec.name:
-            message = f"job is for model {job.model!r}, worker serves {resident.spec.name!r}"
-            return _fail(resident, job_id, started_at, "wrong_model", message)
-        question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
-        priority = BACKLOG if job.batch_id else INTERACTIVE
-        future = batcher.submit(job_id, question, priority)
-        handed_over = priority == INTERACTIVE
-    finally:
-        if interactive_message and not handed_over:
-            batcher.interactive_dropped()
-    try:
+        with on_its_way:
+            claim = resident.store.transition(job_id, JobStatus.RUNNING, started_at=started_at, worker=resident.worker_name)
+            if not claim.applied:
+                # Cancelled before pick-up, already finished (a redelivered message), or expired.
+                log.info("skipping job %s: status is %s", job_id, claim.previous)
+                resident.store.redis.srem(redis_keys.worker_jobs(resident.worker_name), job_id)
+                return None
+            job = resident.store.get(job_id)
+            resident.ledger.record("run", job_id, resident.worker_name)
+            if job.attempts > resident.settings.max_attempts:
+                # Delivered again after its worker died each time: it may be what kills them.
+                message = f"the worker running this job died {job.attempts - 1} times; not retried"
+                return _fail(resident, job_id, started_at, "worker_lost", message)
+            if job.model != resident.model_name:
+                message = f"job is for model {job.model!r}, worker serves {resident.model_name!r}"
+                return _fail(resident, job_id, started_at, "wrong_model", message)
+            question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
+            future = resident.microbatcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
         return _await_and_store(resident, job_id, job.created_at, started_at, future)
     finally:
         # Only now is this task's thread about to be free for the next message.
-        batcher.task_done()
+        resident.handoff.task_returned(job_id)
 
 
 def _await_and_store(
@@ -73,6 +63,8 @@ def _await_and_store(
     try:
         outcome = future.result(timeout=limit_s)
     except FutureTimeout:
+        # Not answered yet: leave it out of its microbatch if that has not started.
+        future.cancel()
         return _fail(resident, job_id, started_at, "timeout", f"job ran longer than {limit_s} s")
     except GenerationError as exc:
         return _fail(resident, job_id, started_at, "generation_error", str(exc))
@@ -80,22 +72,22 @@ def _await_and_store(
         log.error("job %s failed: %r", job_id, exc)
         return _fail(resident, job_id, started_at, "internal_error", f"{type(exc).__name__}: {exc}")
     if isinstance(outcome, Skipped):
-        log.info("job %s was cancelled while it waited for its batch", job_id)
+        log.info("job %s was cancelled while it waited for its microbatch", job_id)
         return None
-    result, batch = outcome
-    return _succeed(resident, job_id, created_at, started_at, result, batch)
+    result, microbatch = outcome
+    return _succeed(resident, job_id, created_at, started_at, result, microbatch)
 
 
 def _succeed(
-    resident: Resident, job_id: str, created_at: float, started_at: float, result: pipeline.Answer, batch: BatchInfo
+    resident: Resident, job_id: str, created_at: float, started_at: float, result: pipeline.Answer, microbatch: MicrobatchInfo
 ) -> JobStatus | None:
     finished_at = time.time()
     timings = _timings(created_at, started_at, finished_at)
     timings.update(
         retrieval_ms=round(result.retrieval_ms, 3),
         generation_ms=round(result.generation_ms, 3),
-        batch_wait_ms=round(batch.wait_ms, 3),
-        batch_size=batch.size,
+        microbatch_wait_ms=round(microbatch.wait_ms, 3),
+        microbatch_size=microbatch.size,
     )
     outcome = _store_final(resident, job_id, lambda: resident.store.transition(
         job_id,
@@ -103,14 +95,14 @@ def _succeed(
         answer=result.text,
         sources=result.sources,
         finished_at=finished_at,
-        served_by=resident.generator.label,
+        served_by=resident.served_by,
         timings=timings,
         usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
     ))
     if not outcome.applied:
         log.info("result of job %s discarded: status became %s meanwhile", job_id, outcome.previous)
         return None
-    resident.ledger.record("result", job_id, resident.hostname, status="succeeded")
+    resident.ledger.record("result", job_id, resident.worker_name, status="succeeded")
     return JobStatus.SUCCEEDED
 
 
@@ -122,12 +114,12 @@ def _fail(resident: Resident, job_id: str, started_at: float, error_type: str, m
         JobStatus.FAILED,
         error={"type": error_type, "message": message},
         finished_at=finished_at,
-        served_by=resident.generator.label,
+        served_by=resident.served_by,
         timings=_timings(job.created_at, started_at, finished_at),
     ))
     if not outcome.applied:
         return None
-    resident.ledger.record("result", job_id, resident.hostname, status="failed")
+    resident.ledger.record("result", job_id, resident.worker_name, status="failed")
     return JobStatus.FAILED
 
 
@@ -136,7 +128,7 @@ def _store_final(resident: Resident, job_id: str, finish: Callable[[], Transitio
     outcome = _retrying(finish)
     if not outcome.applied and outcome.previous is JobStatus.QUEUED:
         log.warning("job %s was queued again under us (Redis lost the claim); claiming it again", job_id)
-        _retrying(lambda: resident.store.transition(job_id, JobStatus.RUNNING, worker=resident.hostname))
+        _retrying(lambda: resident.store.transition(job_id, JobStatus.RUNNING, worker=resident.worker_name))
         outcome = _retrying(finish)
     return outcome
 

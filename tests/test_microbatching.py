@@ -1,4 +1,4 @@
-"""Dynamic batching: grouping, caps, failure isolation, out-of-memory recovery, cancellation in the window."""
+"""Microbatching: grouping, caps, failure isolation, out-of-memory recovery, cancellation in the window."""
 
 from __future__ import annotations
 
@@ -15,14 +15,15 @@ import torch
 from shared.config import Settings
 from shared.jobs import Job, JobStatus
 from worker.prompt import DEFAULT_TEMPLATE, Prompt
-from shared.redis_server import free_port
+from cli.redis_server import free_port
 from shared.store import JobStore, connect
-from worker.batching import BACKLOG, SKIPPED, Batcher, BatchItem
+from worker.handoff import InteractiveHandoff
+from worker.micromicrobatcher import BACKLOG, SKIPPED, Micromicrobatcher, MicrobatchItem
 from worker.corpus import load_documents
 from worker.generation import Generation, Generator, load_generator
-from worker.pipeline import BatchCap, BatchLimits, Prepared, Question, answer_batch, plan_calls
+from worker.pipeline import CallSizeCap, CallLimits, Prepared, Question, answer_microbatch, plan_calls
 from worker.retrieval import Retriever
-from worker.runtime import Resident
+from worker.runtime import Answerer
 
 QUESTIONS = [
     "How do I add more workers?",
@@ -81,21 +82,21 @@ def test_plan_respects_count_and_token_caps() -> None:
     assert [len(c) for c in plan_calls(beams, range(3), max_size=100, max_tokens=800)] == [2, 1]
 
 
-def test_batch_runs_one_generate_call_per_settings_group(retriever: Retriever, t5: Generator) -> None:
+def test_microbatch_runs_one_generate_call_per_settings_group(retriever: Retriever, t5: Generator) -> None:
     generator = Recording(t5)
     questions = [Question(q, params={"max_new_tokens": 3 + (i % 2), "min_new_tokens": 3 + (i % 2)}) for i, q in enumerate(QUESTIONS)]
-    results = answer_batch(questions, retriever, generator)  # type: ignore[arg-type]
+    results = answer_microbatch(questions, retriever, generator)  # type: ignore[arg-type]
     assert sorted(generator.calls) == [3, 3]
     for question, result in zip(questions, results, strict=True):
         assert not isinstance(result, Exception)
         assert result.completion_tokens == question.params["max_new_tokens"]
-        assert result.batch_size == 3
+        assert result.call_size == 3
 
 
 def test_batched_answers_equal_one_at_a_time_answers(retriever: Retriever, t5: Generator) -> None:
     questions = [Question(q, params={"max_new_tokens": 6, "num_beams": 1}) for q in QUESTIONS]
-    batched = answer_batch(questions, retriever, t5)
-    single = [answer_batch([q], retriever, t5)[0] for q in questions]
+    batched = answer_microbatch(questions, retriever, t5)
+    single = [answer_microbatch([q], retriever, t5)[0] for q in questions]
     assert [(a.text, a.sources, a.prompt_tokens) for a in batched] == [(a.text, a.sources, a.prompt_tokens) for a in single]  # type: ignore[union-attr]
 
 
@@ -107,7 +108,7 @@ def test_poisoned_input_fails_alone_after_splitting(retriever: Retriever, t5: Ge
     generator = Recording(t5, poison)
     questions = [Question(q, params={"max_new_tokens": 2}) for q in QUESTIONS]
     questions[3] = Question("POISON pill", params={"max_new_tokens": 2})
-    results = answer_batch(questions, retriever, generator)  # type: ignore[arg-type]
+    results = answer_microbatch(questions, retriever, generator)  # type: ignore[arg-type]
     assert isinstance(results[3], RuntimeError)
     assert all(not isinstance(r, Exception) for i, r in enumerate(results) if i != 3)
     assert generator.calls[0] == 6 and 1 in generator.calls
@@ -116,7 +117,7 @@ def test_poisoned_input_fails_alone_after_splitting(retriever: Retriever, t5: Ge
 def test_question_too_long_for_the_model_fails_in_preparation_alone(retriever: Retriever, t5: Generator) -> None:
     generator = Recording(t5)
     questions = [Question(QUESTIONS[0]), Question(" ".join(f"w{i}" for i in range(400))), Question(QUESTIONS[1])]
-    results = answer_batch([Question(q.question, params={"max_new_tokens": 2}) for q in questions], retriever, generator)  # type: ignore[arg-type]
+    results = answer_microbatch([Question(q.question, params={"max_new_tokens": 2}) for q in questions], retriever, generator)  # type: ignore[arg-type]
     assert "at most 512" in str(results[1])
     assert generator.calls == [2]
 
@@ -127,14 +128,14 @@ def test_out_of_memory_splits_recovers_and_lowers_the_cap(retriever: Retriever, 
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     generator = Recording(t5, small_only)
-    cap = BatchCap(ceiling=8, recover_after_s=0.3)
+    cap = CallSizeCap(ceiling=8, recover_after_s=0.3)
     questions = [Question(q, params={"max_new_tokens": 2}) for q in QUESTIONS]
-    results = answer_batch(questions, retriever, generator, DEFAULT_TEMPLATE, BatchLimits(cap, 1 << 30))  # type: ignore[arg-type]
+    results = answer_microbatch(questions, retriever, generator, DEFAULT_TEMPLATE, CallLimits(cap, 1 << 30))  # type: ignore[arg-type]
     assert all(not isinstance(r, Exception) for r in results)
     assert cap.value == 1  # 6 failed -> 3, then 3 failed -> 1
-    # The lowered cap shapes the next batch: no call above it, so no more failures.
+    # The lowered cap shapes the next microbatch: no call above it, so no more failures.
     generator.calls.clear()
-    answer_batch(questions[:2], retriever, generator, DEFAULT_TEMPLATE, BatchLimits(cap, 1 << 30))  # type: ignore[arg-type]
+    answer_microbatch(questions[:2], retriever, generator, DEFAULT_TEMPLATE, CallLimits(cap, 1 << 30))  # type: ignore[arg-type]
     assert generator.calls == [1, 1]
     time.sleep(0.35)
     assert cap.value == 2
@@ -142,80 +143,80 @@ def test_out_of_memory_splits_recovers_and_lowers_the_cap(retriever: Retriever, 
     assert cap.value == 4
 
 
-def test_batcher_takes_what_waits_within_the_window() -> None:
+def test_microbatcher_takes_what_waits_within_the_window() -> None:
     seen: list[int] = []
 
-    def run(items: Sequence[BatchItem]) -> list[Any]:
+    def run(items: Sequence[MicrobatchItem]) -> list[Any]:
         seen.append(len(items))
         return [item.payload * 2 for item in items]
 
-    batcher = Batcher(run, max_batch_size=4, batch_wait_ms=200)
-    futures = [batcher.submit(f"j{i}", i) for i in range(6)]
+    microbatcher = Micromicrobatcher(run, max_size=4, wait_ms=200)
+    futures = [microbatcher.submit(f"j{i}", i) for i in range(6)]
     assert [f.result(timeout=5) for f in futures] == [0, 2, 4, 6, 8, 10]
     assert seen == [4, 2]
-    batcher.stop()
+    microbatcher.stop()
 
 
-def test_batcher_does_not_wait_past_the_window() -> None:
-    batcher = Batcher(lambda items: [None] * len(items), max_batch_size=64, batch_wait_ms=50)
+def test_microbatcher_does_not_wait_past_the_window() -> None:
+    microbatcher = Micromicrobatcher(lambda items: [None] * len(items), max_size=64, wait_ms=50)
     started = time.monotonic()
-    batcher.submit("j", 1).result(timeout=5)
+    microbatcher.submit("j", 1).result(timeout=5)
     assert time.monotonic() - started < 1
-    batcher.stop()
+    microbatcher.stop()
 
 
-def test_batcher_goes_on_when_redis_cannot_say_whether_interactive_jobs_wait() -> None:
-    # Found by bench.chaos: this check raised during a Redis restart, ended the batcher thread, and every
+def test_microbatcher_goes_on_when_redis_cannot_say_whether_interactive_jobs_wait() -> None:
+    # Found by bench.chaos: this check raised during a Redis restart, ended the microbatcher thread, and every
     # job the worker took afterwards timed out.
     def redis_down() -> bool:
         raise redis.ConnectionError("Connection refused")
 
-    batcher = Batcher(lambda items: [item.payload * 2 for item in items], max_batch_size=4, batch_wait_ms=0, interactive_waiting=redis_down)
-    assert batcher.submit("a", 1, BACKLOG).result(timeout=5) == 2
-    assert batcher.submit("b", 2, BACKLOG).result(timeout=5) == 4
-    batcher.stop()
+    microbatcher = Micromicrobatcher(lambda items: [item.payload * 2 for item in items], max_size=4, wait_ms=0, handoff=InteractiveHandoff(redis_down))
+    assert microbatcher.submit("a", 1, BACKLOG).result(timeout=5) == 2
+    assert microbatcher.submit("b", 2, BACKLOG).result(timeout=5) == 4
+    microbatcher.stop()
 
 
-def test_batcher_survives_a_batch_that_raises() -> None:
-    def run(items: Sequence[BatchItem]) -> list[Any]:
+def test_microbatcher_survives_a_batch_that_raises() -> None:
+    def run(items: Sequence[MicrobatchItem]) -> list[Any]:
         if items[0].payload == "boom":
             raise ValueError("boom")
         return ["ok"] * len(items)
 
-    batcher = Batcher(run, max_batch_size=1, batch_wait_ms=0)
+    microbatcher = Micromicrobatcher(run, max_size=1, wait_ms=0)
     with pytest.raises(ValueError):
-        batcher.submit("a", "boom").result(timeout=5)
-    assert batcher.submit("b", "fine").result(timeout=5) == "ok"
-    batcher.stop()
+        microbatcher.submit("a", "boom").result(timeout=5)
+    assert microbatcher.submit("b", "fine").result(timeout=5) == "ok"
+    microbatcher.stop()
 
 
-def test_job_cancelled_in_the_batch_window_is_skipped(
+def test_job_cancelled_in_the_microbatch_window_is_skipped(
     store: JobStore, settings: Settings, retriever: Retriever, t5: Generator
 ) -> None:
-    resident = Resident(settings, settings.default_model, store, retriever, t5, DEFAULT_TEMPLATE, "test", BatchLimits(BatchCap(8), 1 << 30))
-    batcher = Batcher(resident.run_batch, max_batch_size=8, batch_wait_ms=500)
+    answerer = Answerer(store, retriever, t5, DEFAULT_TEMPLATE, CallLimits(CallSizeCap(8), 1 << 30))
+    microbatcher = Micromicrobatcher(answerer, max_size=8, wait_ms=500)
     jobs = []
     for i, q in enumerate(QUESTIONS[:3]):
         job = Job(id=f"job-{i}", status=JobStatus.QUEUED, question=q, model="tiny-t5")
         store.create(job)
         store.transition(job.id, JobStatus.RUNNING)
         jobs.append(job)
-    futures = [batcher.submit(job.id, Question(job.question, params={"max_new_tokens": 2})) for job in jobs]
+    futures = [microbatcher.submit(job.id, Question(job.question, params={"max_new_tokens": 2})) for job in jobs]
     threading.Timer(0.1, lambda: store.transition("job-1", JobStatus.CANCELLED)).start()
     outcomes = [f.result(timeout=30) for f in futures]
     assert outcomes[1] is SKIPPED
     for outcome in (outcomes[0], outcomes[2]):
         answer, info = outcome
         assert info.size == 2 and info.wait_ms >= 0
-        assert answer.batch_size == 2
-    batcher.stop()
+        assert answer.call_size == 2
+    microbatcher.stop()
 
 
-def test_a_batch_is_answered_while_redis_is_away(settings: Settings, retriever: Retriever, t5: Generator) -> None:
-    # Found by bench.chaos: the cancelled-jobs check failed whole batches during a Redis restart.
+def test_a_microbatch_is_answered_while_redis_is_away(settings: Settings, retriever: Retriever, t5: Generator) -> None:
+    # Found by bench.chaos: the cancelled-jobs check failed whole microbatches during a Redis restart.
     unreachable = JobStore(connect(f"redis://127.0.0.1:{free_port()}/0"), settings.result_ttl_s)
-    resident = Resident(settings, settings.default_model, unreachable, retriever, t5, DEFAULT_TEMPLATE, "test", BatchLimits(BatchCap(8), 1 << 30))
-    items = [BatchItem(f"job-{i}", Question(q, params={"max_new_tokens": 2}), BACKLOG) for i, q in enumerate(QUESTIONS[:2])]
-    outcomes = resident.run_batch(items)
+    answerer = Answerer(unreachable, retriever, t5, DEFAULT_TEMPLATE, CallLimits(CallSizeCap(8), 1 << 30))
+    items = [MicrobatchItem(f"job-{i}", Question(q, params={"max_new_tokens": 2}), BACKLOG) for i, q in enumerate(QUESTIONS[:2])]
+    outcomes = answerer(items)
     assert [info.size for _, info in outcomes] == [2, 2]
     assert all(answer.completion_tokens > 0 for answer, _ in outcomes)

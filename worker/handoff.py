@@ -1,0 +1,105 @@
+"""Interactive jobs before backlog items inside one worker process: the hand-off to the microbatcher.
+
+The guarantee: **an interactive job never waits behind more than the microbatch already running.**
+
+The broker side alone does not give it. A worker consumes its model's interactive queue before its backlog
+queue, but Celery hands a thread a new message only when that thread's task returns, and a microbatch's
+tasks return only after it ends. At that moment backlog items the worker already holds are waiting in the
+microbatcher; started at once, they would make an interactive message that was waiting in Redis wait one
+more whole microbatch. So before a backlog microbatch the microbatcher asks `InteractiveHandoff` to wait
+until the previous microbatch's tasks have returned (their threads then fetch, interactive first), and then,
+while an interactive job is on its way (its task has its message but has not submitted it yet, or it is
+still queued in Redis), for that job, at most `max_hold_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+# Longest pause of a backlog microbatch for an interactive job on its way.
+MAX_HOLD_S = 0.1
+# The previous microbatch's tasks only store results and return: bounded, but slow on a busy machine.
+SETTLE_MAX_S = 1.0
+# With nothing on its way, how long to look again before starting the backlog microbatch.
+GRACE_S = 0.005
+# How often the queue in Redis is looked at while holding (local events wake the wait at once).
+POLL_S = 0.002
+
+
+class InteractiveHandoff:
+    """Holds a backlog microbatch back while an interactive job is on its way to the microbatcher."""
+
+    def __init__(
+        self,
+        interactive_queued: Callable[[], bool] = lambda: False,
+        *,
+        max_hold_s: float = MAX_HOLD_S,
+        settle_max_s: float = SETTLE_MAX_S,
+        grace_s: float = GRACE_S,
+        poll_s: float = POLL_S,
+    ) -> None:
+        self.interactive_queued = interactive_queued
+        self.max_hold_s = max_hold_s
+        self.settle_max_s = settle_max_s
+        self.grace_s = grace_s
+        self.poll_s = poll_s
+        self._changed = threading.Condition()
+        self._on_the_way = 0
+        self._returning: set[str] = set()
+
+    @contextmanager
+    def interactive_on_its_way(self) -> Iterator[None]:
+        """Wrap an interactive task from taking its message until it has submitted its job (or given up)."""
+        with self._changed:
+            self._on_the_way += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._on_the_way -= 1
+                self._changed.notify_all()
+
+    def microbatch_done(self, job_ids: Iterable[str]) -> None:
+        """A microbatch ended: the tasks of these jobs will now store their outcomes and return."""
+        with self._changed:
+            self._returning.update(job_ids)
+
+    def task_returned(self, job_id: str) -> None:
+        """The task of `job_id` is about to return: its thread is free for the next message."""
+        with self._changed:
+            self._returning.discard(job_id)
+            self._changed.notify_all()
+
+    def wait_before_backlog(self, interactive_ready: Callable[[], bool]) -> None:
+        """Block until an interactive job is ready in the microbatcher, or none is on its way, or the hold ends."""
+        now = time.monotonic()
+        settle_deadline = now + self.settle_max_s
+        with self._changed:
+            while self._returning and now < settle_deadline and not interactive_ready():
+                self._changed.wait(settle_deadline - now)
+                now = time.monotonic()
+        settled_at = now
+        hold_deadline = settled_at + self.max_hold_s
+        while not interactive_ready() and now <= hold_deadline:
+            with self._changed:
+                on_the_way = self._on_the_way > 0
+            if not on_the_way and now - settled_at >= self.grace_s and not self._queued_in_redis():
+                return
+            with self._changed:
+                self._changed.wait(self.poll_s)
+            now = time.monotonic()
+
+    def _queued_in_redis(self) -> bool:
+        # During a Redis outage the answer is "no", never an exception: an exception here would end the
+        # microbatcher thread, and every job the worker took afterwards would time out (found by bench.chaos).
+        try:
+            return self.interactive_queued()
+        except Exception:
+            log.warning("cannot tell whether interactive jobs are queued; not holding the backlog microbatch", exc_info=True)
+            return False
