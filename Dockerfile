@@ -25,6 +25,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY worker ./worker
 COPY shared ./shared
+COPY cli ./cli
 RUN pip install --no-cache-dir .
 
 USER ragq

@@ -27,7 +27,7 @@ from typing import Any
 import requests
 
 from bench.common import child_env, report, stop_groups
-from shared.redis_server import free_port, start_redis
+from cli.redis_server import free_port, start_redis
 from shared.store import connect, ready_workers
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -82,7 +82,7 @@ class Stack:
         log = (self.logs / f"{command}.log").open("wb")
         self.children.append(
             subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", command], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [sys.executable, "-m", command], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         )
 

@@ -26,7 +26,7 @@ import requests
 
 from bench.common import child_env, report, stop_groups
 from shared import redis_keys
-from shared.redis_server import EmbeddedRedis, free_port, start_redis
+from cli.redis_server import EmbeddedRedis, free_port, start_redis
 from shared.store import connect, ready_workers
 
 PARAMS = {"max_new_tokens": 8, "min_new_tokens": 8, "num_beams": 1}
@@ -60,7 +60,7 @@ class Chaos:
     def _spawn(self, command: str, name: str) -> subprocess.Popen[bytes]:
         log = (self.work / f"{name}.log").open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", command], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [sys.executable, "-m", command], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def wait_ready(self, workers: int) -> None:

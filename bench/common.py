@@ -54,7 +54,7 @@ def start_api(work: Path, env: dict[str, str], processes: int = 1) -> subprocess
 
     with (work / "api.log").open("ab") as log:
         api = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "api", "--processes", str(processes)],
+            [sys.executable, "-m", "api", "--processes", str(processes)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{env['RAGQ_PORT']}"

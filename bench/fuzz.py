@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import child_env, report, start_api, stop_groups
-from shared.redis_server import free_port, start_redis
+from cli.redis_server import free_port, start_redis
 
 FUZZ_KEY = "fuzz-key-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {FUZZ_KEY}"}

@@ -27,7 +27,7 @@ from typing import Any
 import requests
 
 from bench.common import child_env, report, start_api, stop_groups
-from shared.redis_server import free_port, start_redis
+from cli.redis_server import free_port, start_redis
 from shared.store import connect, ready_workers
 
 KEYS = {
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         phase1 = base | {"RAGQ_RATE_LIMIT_PER_MIN": "1000000000"}
         with (work / "worker.log").open("ab") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "worker"], env=phase1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [sys.executable, "-m", "worker"], env=phase1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         try:
             wait_for_worker(connect(redis.url), worker, work)

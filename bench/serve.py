@@ -27,7 +27,7 @@ import minsearch
 import requests
 
 from bench.common import child_env, report
-from shared.redis_server import free_port
+from cli.redis_server import free_port
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -100,7 +100,7 @@ def main() -> int:
         RAGQ_DATA_DIR=str(work / "data"),
     )
     serve = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve", "--workers", str(args.workers)],
+        [sys.executable, "-m", "cli", "serve", "--workers", str(args.workers)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

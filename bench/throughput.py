@@ -32,10 +32,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Phi3Config, T5Config
 
 from bench.common import child_env, stop_groups
-from shared.redis_server import free_port, start_redis
+from cli.redis_server import free_port, start_redis
 from worker.corpus import load_documents
 from worker.generation import Generator, load_generator
-from worker.pipeline import BatchCap, BatchLimits, Question, answer, answer_batch
+from worker.pipeline import CallSizeCap, CallLimits, Question, answer, answer_microbatch
 from worker.retrieval import Retriever
 from worker.tiny import PHI3_CHAT_TEMPLATE, build_tokenizer, build_tiny_model
 
@@ -143,11 +143,11 @@ def run_seed_loop(questions: list[Question], retriever: Retriever, generator: Ge
 def run_batched(
     questions: list[Question], retriever: Retriever, generator: Generator, batch_size: int, max_batch_tokens: int, device: str
 ) -> Run:
-    limits = BatchLimits(BatchCap(batch_size), max_batch_tokens)
+    limits = CallLimits(CallSizeCap(batch_size), max_batch_tokens)
     started = time.perf_counter()
     tokens = 0
     for i in range(0, len(questions), batch_size):
-        for result in answer_batch(questions[i : i + batch_size], retriever, generator, limits=limits):
+        for result in answer_microbatch(questions[i : i + batch_size], retriever, generator, limits=limits):
             if isinstance(result, Exception):
                 raise result
             tokens += result.completion_tokens
@@ -178,7 +178,7 @@ class System:
     def _spawn(self, command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{command}.log").open("wb")
         return subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", command, *(["--loglevel", "WARNING"] if command == "worker" else [])],
+            [sys.executable, "-m", command, *(["--loglevel", "WARNING"] if command == "worker" else [])],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -235,7 +235,7 @@ def run_system(system: System, questions: list[Question], params: dict[str, Any]
         raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {failed[0]}")
     latencies = [j["timings"]["total_ms"] for j in jobs]
     tokens = sum(j["usage"]["completion_tokens"] for j in jobs)
-    sizes = [j["timings"]["batch_size"] for j in jobs]
+    sizes = [j["timings"]["microbatch_size"] for j in jobs]
     print(f"    system batch sizes: mean {statistics.mean(sizes):.1f}, max {max(sizes)}", flush=True)
     return Run("(c) system: HTTP -> Redis -> worker", seconds, len(jobs), tokens, latencies)
 

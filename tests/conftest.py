@@ -17,9 +17,9 @@ from flask import Flask  # noqa: E402
 from flask.testing import FlaskClient  # noqa: E402
 
 from api import create_app  # noqa: E402
+from cli.redis_server import EmbeddedRedis, start_redis  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.models import ModelSpec  # noqa: E402
-from shared.redis_server import EmbeddedRedis, start_redis  # noqa: E402
 from shared.store import JobStore, connect  # noqa: E402
 from tests.helpers import WorkerProcess, start_worker  # noqa: E402
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import redis
 
+from cli import processes
 from shared.config import Settings
 from shared.store import ready_workers
 
@@ -31,36 +30,23 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        """SIGTERM the worker's process group (pool processes included) and wait."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        """SIGTERM the worker's process group (pool processes included), wait, SIGKILL what is left."""
+        processes.stop_groups([self.process])
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
-    env.update(settings.to_env())
-    env["HF_HUB_OFFLINE"] = "1"
-    env.update(extra)
-    return env
+    """The environment of a child that runs on `settings`, offline."""
+    return processes.child_env(settings, HF_HUB_OFFLINE="1", **extra)
 
 
 def start_worker(settings: Settings, model: str, client: redis.Redis) -> WorkerProcess:
-    """`ragq worker --model MODEL` as a subprocess; returns once its pool process has loaded the model."""
+    """`python -m worker --model MODEL` as a subprocess; returns once it has loaded the model and consumes."""
     log_path = settings.data_dir / f"worker-{model}-{time.time_ns()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started_at = time.time()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "worker", "--model", model, "--loglevel", "INFO"],
+            [sys.executable, "-m", "worker", "--model", model, "--loglevel", "INFO"],
             env=child_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,

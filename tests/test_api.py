@@ -211,7 +211,7 @@ def test_healthz_and_readyz(client: FlaskClient) -> None:
 
 @pytest.fixture
 def down_client(settings: Settings) -> FlaskClient:
-    from shared.redis_server import free_port
+    from cli.redis_server import free_port
 
     return create_app(dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")).test_client()
 

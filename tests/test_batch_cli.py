@@ -1,4 +1,7 @@
-"""The `ragq batch` and `ragq eval` client: its pure parts (the commands run against a real stack in test_cli.py)."""
+"""The `ragq batch` and `ragq eval` client (`cli.batch`, `cli.progress`, `cli.evaluate`): its pure parts.
+
+The commands run against a real stack in test_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +12,20 @@ from typing import Any
 
 import pytest
 
-from shared import batch_cli
-from shared.batch_cli import (
+from cli import batch, evaluate
+from cli.batch import batch_options, content_type_for, idempotency_key
+from cli.evaluate import build_eval_batch, format_metrics, read_questions, retrieval_metrics
+from cli.main import build_parser
+from cli.progress import (
     ProgressBar,
     RateMeter,
     batch_exit_code,
-    batch_options,
-    build_eval_batch,
-    content_type_for,
     done_count,
     format_batch,
     format_batch_table,
     format_duration,
-    format_metrics,
     format_progress,
-    idempotency_key,
-    read_questions,
-    retrieval_metrics,
 )
-from shared.cli import build_parser
-
 
 
 def counts(total: int = 0, **values: int) -> dict[str, int]:
@@ -282,12 +279,12 @@ def test_retrieval_metrics_with_nothing_succeeded() -> None:
 @pytest.mark.parametrize(
     ("argv", "func"),
     [
-        (["batch", "submit", "f.jsonl", "--wait"], batch_cli.cmd_batch_submit),
-        (["batch", "status", "b1", "--json"], batch_cli.cmd_batch_status),
-        (["batch", "results", "b1", "-o", "out.jsonl", "--status", "failed"], batch_cli.cmd_batch_results),
-        (["batch", "cancel", "b1"], batch_cli.cmd_batch_cancel),
-        (["batch", "list", "--limit", "5"], batch_cli.cmd_batch_list),
-        (["eval", "q.csv", "--top-k", "3", "--json"], batch_cli.cmd_eval),
+        (["batch", "submit", "f.jsonl", "--wait"], batch.cmd_batch_submit),
+        (["batch", "status", "b1", "--json"], batch.cmd_batch_status),
+        (["batch", "results", "b1", "-o", "out.jsonl", "--status", "failed"], batch.cmd_batch_results),
+        (["batch", "cancel", "b1"], batch.cmd_batch_cancel),
+        (["batch", "list", "--limit", "5"], batch.cmd_batch_list),
+        (["eval", "q.csv", "--top-k", "3", "--json"], evaluate.cmd_eval),
     ],
 )
 def test_batch_commands_are_wired_into_ragq(argv: list[str], func: Any) -> None:

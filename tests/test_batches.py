@@ -22,7 +22,7 @@ from shared.batches import Batch
 from shared.broker import make_celery
 from shared.config import Settings
 from shared.store import JobStore
-from shared.redis_server import free_port
+from cli.redis_server import free_port
 from tests.helpers import WorkerProcess, data_keys
 from worker.housekeeping import Housekeeper
 

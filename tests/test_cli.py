@@ -15,22 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from shared.redis_server import free_port
+from cli.processes import child_env
+from cli.redis_server import free_port
 from tests.helpers import alive, descendants
 
 SERVE_START_TIMEOUT_S = 240
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env.update(extra)
-    return env
+    return child_env(HF_HUB_OFFLINE="1", **extra)
 
 
 def ragq(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "cli", *args], env=env or clean_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -45,7 +43,7 @@ class Serve:
         # Defaults only: embedded Redis, built-in corpus, default model (not to be had offline).
         env = clean_env(RAGQ_PORT=str(self.port), RAGQ_DATA_DIR=str(tmp_path / "data"))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve"],
+            [sys.executable, "-m", "cli", "serve"],
             env=env,
             cwd=tmp_path,
             stdout=subprocess.PIPE,
@@ -86,6 +84,12 @@ def test_serve_says_once_that_it_uses_a_stand_in_model(serve: Serve) -> None:
     assert len(notices) == 1
     assert "google/flan-t5-base" in notices[0]
     assert f"serving {serve.url}" in serve.output[-1]
+
+
+def test_the_serve_parent_never_loads_torch(serve: Serve) -> None:
+    # The supervisor starts the workers as programs; torch lives in them only, not in the process watching them.
+    maps = Path(f"/proc/{serve.process.pid}/maps").read_text()
+    assert "libtorch" not in maps and "/torch/" not in maps
 
 
 def test_ask_prints_answer_sources_and_stand_in_label(serve: Serve) -> None:
@@ -145,7 +149,7 @@ def test_eval_reports_hit_rate_and_mrr(serve: Serve, tmp_path: Path) -> None:
 
 def test_serve_restarts_a_killed_worker(serve: Serve) -> None:
     [worker] = [
-        pid for pid in descendants(serve.process.pid) if b"shared.cli worker" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        pid for pid in descendants(serve.process.pid) if b"-m worker " in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     ]
     os.killpg(worker, signal.SIGKILL)
     serve.wait_for("starting it again", 30)
@@ -158,8 +162,8 @@ def test_sigterm_stops_every_process_serve_started(serve: Serve) -> None:
     tree = descendants(serve.process.pid)
     commands = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") for pid in tree]
     assert any(b"redis-server" in c for c in commands)
-    assert any(b"shared.cli worker" in c for c in commands)
-    assert any(b"shared.cli api" in c for c in commands)
+    assert any(b"-m worker " in c for c in commands)
+    assert any(b"-m api " in c for c in commands)
     assert len(tree) >= 4  # redis, worker, api + its gunicorn worker
     serve.process.send_signal(signal.SIGTERM)
     assert serve.process.wait(90) == 0

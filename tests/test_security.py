@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from api import create_app
 from shared import redis_keys
-from shared.cli import main as ragq
+from cli.main import main as ragq
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.jobs import JobStatus
@@ -167,7 +167,7 @@ def test_secrets_stay_out_of_the_settings_repr() -> None:
 
 
 def test_client_commands_send_ragq_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.batch_cli import auth_headers
+    from cli.client import auth_headers
 
     monkeypatch.delenv("RAGQ_API_KEY", raising=False)
     assert auth_headers() == {}

@@ -11,7 +11,7 @@ import redis
 
 from api import create_app
 from shared.config import Settings
-from shared.redis_server import EmbeddedRedis
+from cli.redis_server import EmbeddedRedis
 from tests.helpers import TlsProxy, self_signed_certificate, start_worker
 
 

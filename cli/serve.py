@@ -1,12 +1,14 @@
 """`ragq serve`: Redis (embedded unless REDIS_URL is set), N workers and the API as child processes.
 
-Each child runs in its own process group, so stopping it also stops what it started (Celery's pool
-processes); on Ctrl-C or SIGTERM every group is stopped and waited for, leaving nothing behind.
+The children are started as programs (`python -m worker`, `python -m api`), never imported: this process holds no
+model and never imports torch or transformers; even the check that the model can be had runs in a child
+(`python -m worker.model_check`). Each child runs in its own process group, so stopping it also stops what it
+started (Celery's pool, gunicorn's workers); on Ctrl-C or SIGTERM every group is stopped and waited for, leaving
+nothing behind.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,14 +18,17 @@ from types import FrameType
 import redis
 import requests
 
+from cli.processes import child_env, signal_group, stop_groups
+from cli.redis_server import EmbeddedRedis, start_redis
+from shared.api_keys import UNAUTHENTICATED_NOTICE, check_exposure, key_ring
 from shared.config import Settings
 from shared.errors import ConfigError
-from shared.api_keys import UNAUTHENTICATED_NOTICE, check_exposure, key_ring
-from shared.redis_server import EmbeddedRedis, start_redis
+from shared.models import ModelSpec
 from shared.store import ready_workers
 
-STOP_GRACE_S = 30
 READY_POLL_S = 0.2
+# Importing transformers alone takes seconds; reading a config from the hub cache or disk adds little.
+MODEL_CHECK_TIMEOUT_S = 120
 # A child that dies this often within the window is not started again: something is wrong beyond one crash.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60
@@ -39,6 +44,7 @@ class Supervisor:
         self.redis: EmbeddedRedis | None = None
         self.stop_requested = False
         self.restarts: dict[str, list[float]] = {}
+        self.ring = key_ring(settings)
 
     def run(self) -> int:
         """Serve until a signal or a child's death; always stop every child before returning."""
@@ -46,23 +52,29 @@ class Supervisor:
         try:
             return self._serve()
         finally:
-            self._stop_children()
+            self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
     def _request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested = True
 
-    def _serve(self) -> int:
-        ring = key_ring(self.settings)
-        check_exposure(self.settings, ring)
+    def start(self) -> dict[str, str] | None:
+        """Check the settings and the model, start Redis (if embedded) and every child; None if it cannot start."""
+        check_exposure(self.settings, self.ring)
         env = self._child_env()
         if env is None:
-            return 2
-        started_at = time.time()
+            return None
         for i in range(self.workers):
-            self._spawn(f"worker-{i + 1}", ["worker"], env)
-        self._spawn("api", ["api"], env)
+            self._spawn(f"worker-{i + 1}", "worker", env)
+        self._spawn("api", "api", env)
+        return env
+
+    def _serve(self) -> int:
+        started_at = time.time()
+        env = self.start()
+        if env is None:
+            return 2
         client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True, socket_connect_timeout=2)
         url = f"http://{self.settings.host}:{self.settings.port}"
         if not self._wait_until_ready(client, url, started_at):
@@ -72,7 +84,7 @@ class Supervisor:
             f"Redis {'embedded' if self.redis else 'from REDIS_URL'}; Ctrl-C stops)",
             flush=True,
         )
-        if not ring.enabled:
+        if not self.ring.enabled:
             print(f"ragq: {UNAUTHENTICATED_NOTICE}", flush=True)
         while not self.stop_requested:
             if not self._restart_dead_children(env):
@@ -92,18 +104,15 @@ class Supervisor:
                 print(f"ragq: {name} exited with code {process.returncode}; stopping", file=sys.stderr, flush=True)
                 return False
             print(f"ragq: {name} exited with code {process.returncode}; starting it again", file=sys.stderr, flush=True)
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
             self.restarts[name] = [*recent, now]
-            self.children[index] = (name, self._start(["worker"] if name.startswith("worker") else ["api"], env))
+            self.children[index] = (name, self._start("worker" if name.startswith("worker") else "api", env))
         return True
 
     def _child_env(self) -> dict[str, str] | None:
-        from worker.model_check import check_model
-
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")}
-        env.update(self.settings.to_env())
+        env = child_env(self.settings)
         spec = self.settings.default_model
-        problem = check_model(spec)
+        problem = check_model_in_child(spec, env)
         if problem:
             if not self.settings.fallback_tiny_model:
                 print(f"ragq: model {spec.name} ({spec.source}) cannot be loaded: {problem}", file=sys.stderr)
@@ -126,12 +135,13 @@ class Supervisor:
             env["REDIS_URL"] = self.settings.redis_url
         return env
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        self.children.append((name, self._start(command, env)))
+    def _spawn(self, name: str, package: str, env: dict[str, str]) -> None:
+        self.children.append((name, self._start(package, env)))
 
     @staticmethod
-    def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "shared.cli", *command], env=env, start_new_session=True)
+    def _start(package: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """`python -m worker` or `python -m api`, leading a process group of its own."""
+        return subprocess.Popen([sys.executable, "-m", package], env=env, start_new_session=True)
 
     def _dead_child(self) -> str | None:
         for name, process in self.children:
@@ -166,26 +176,30 @@ class Supervisor:
         except requests.RequestException:
             return False
 
-    def _stop_children(self) -> None:
-        """SIGTERM every child's process group, wait, then SIGKILL what is left; Redis last."""
-        for _, process in self.children:
-            _signal_group(process, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for _, process in self.children:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for _, process in self.children:
-            # Also reaps pool processes whose parent has already exited.
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
+    def stop(self) -> None:
+        """Stop every child's process group (SIGTERM, wait, SIGKILL what is left); Redis last."""
+        stop_groups(process for _, process in self.children)
+        self.children.clear()
         if self.redis is not None:
             self.redis.stop()
+            self.redis = None
 
 
-def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+def check_model_in_child(spec: ModelSpec, env: dict[str, str]) -> str | None:
+    """Why `spec`'s model cannot be had, or None, asked of `python -m worker.model_check` (transformers stays there)."""
     try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.model_check", spec.source],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=MODEL_CHECK_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return f"the model check did not finish within {MODEL_CHECK_TIMEOUT_S} s"
+    if result.returncode == 0:
+        return None
+    # Exit 1 is an answer (the problem, on stdout); anything else is the check itself failing.
+    output = result.stdout if result.returncode == 1 else result.stderr
+    lines = output.strip().splitlines()
+    return lines[-1] if lines else f"the model check exited with code {result.returncode}"
