@@ -255,8 +255,9 @@ def _csv_lines(body: bytes) -> list[tuple[int, Any]]:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValidationFailed(f"CSV is not UTF-8: {exc}") from exc
-    # newline="" lets the csv module see line ends itself, as its documentation asks.
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    # newline="" lets the csv module see line ends itself, as its documentation asks. strict: an unterminated
+    # quote is an error, not a field that swallows every line after it.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     rows = []
     try:
         if reader.fieldnames is None or "question" not in reader.fieldnames:
@@ -267,7 +268,9 @@ def _csv_lines(body: bytes) -> list[tuple[int, Any]]:
                 item["course"] = row["course"]
             rows.append((reader.line_num, item))
     except csv.Error as exc:
-        raise ValidationFailed(f"CSV is malformed at line {reader.line_num}: {exc}", details=[{"line": reader.line_num}]) from exc
+        # line_num counts the lines of the records read so far: the broken one starts on the next line.
+        line = reader.line_num + 1
+        raise ValidationFailed(f"CSV is malformed in the record starting at line {line}: {exc}", details=[{"line": line}]) from exc
     return rows
 
 
