@@ -21,7 +21,7 @@ def model_queue(model_name: str) -> str:
 
 
 def workers() -> str:
-    """Hash of worker processes that have loaded their model: `hostname:pid` -> JSON {model, ready_at}."""
+    """Hash of worker processes that have loaded their model: worker name -> JSON {model, ready_at}."""
     return f"{PREFIX}:workers"
 
 
