@@ -1,10 +1,10 @@
 """`python -m bench.backlog`: how ragq takes an overnight backlog.
 
-Starts an embedded Redis and the API under gunicorn (`ragq api`), then measures:
+Starts an embedded Redis and the API under gunicorn (`python -m api`), then measures:
 
 1. accepting: one batch of N lines (default 100,000 course questions) POSTed as JSONL: lines/s accepted, and
    bytes of Redis memory per queued item; then cancelling it (items/s cancelled);
-2. with one `ragq worker` (a tiny local T5): the interactive latency on an idle worker, then the latency of an
+2. with one `python -m worker` (a tiny local T5): the interactive latency on an idle worker, then the latency of an
    interactive job submitted behind a backlog of B items (default 5,000), against the target
    2 x idle latency + one batch's time; and the backlog's drain rate.
 
@@ -17,7 +17,6 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +25,7 @@ from typing import Any
 
 import requests
 
-from bench.common import child_env, report, stop_groups
-from cli.redis_server import free_port, start_redis
-from shared.store import connect, ready_workers
+from bench.common import Stack, report
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORK = {"max_new_tokens": 16, "min_new_tokens": 16, "num_beams": 1}
@@ -47,58 +44,18 @@ def backlog_body(n: int, data: Path, params: dict[str, Any] | None = None) -> by
     return "\n".join(lines).encode()
 
 
-class Stack:
-    def __init__(self, work: Path, data: Path) -> None:
-        from worker.tiny import build_tiny_model
+def start_stack(work: Path, data: Path) -> Stack:
+    """Redis and the API, for a tiny local T5 named `bench` over the course FAQ; workers come later."""
+    from worker.tiny import build_tiny_model
 
-        model = build_tiny_model(work / "tiny-t5", "t5")
-        self.redis = start_redis(work / "redis", appendonly=True)
-        self.client = connect(self.redis.url)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = child_env(
-            REDIS_URL=self.redis.url,
-            RAGQ_MODEL=f"bench={model}",
-            RAGQ_DOCUMENTS=str(data / "documents.json"),
-            RAGQ_PORT=str(self.port),
-            RAGQ_DATA_DIR=str(work / "data"),
-        )
-        self.logs = work
-        self.children: list[subprocess.Popen[bytes]] = []
-        self._spawn("api")
-        deadline = time.monotonic() + 60
-        while not self._ok("/readyz"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("API did not start")
-            time.sleep(0.2)
-
-    def _ok(self, path: str) -> bool:
-        try:
-            return requests.get(self.url + path, timeout=2).ok
-        except requests.RequestException:
-            return False
-
-    def _spawn(self, command: str) -> None:
-        log = (self.logs / f"{command}.log").open("wb")
-        self.children.append(
-            subprocess.Popen(
-                [sys.executable, "-m", command], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        )
-
-    def start_worker(self) -> None:
-        since = time.time()
-        self._spawn("worker")
-        deadline = time.monotonic() + 120
-        while not ready_workers(self.client, since):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {self.logs}")
-            time.sleep(0.2)
-        time.sleep(1)
-
-    def stop(self) -> None:
-        stop_groups(self.children)
-        self.redis.stop()
+    model = build_tiny_model(work / "tiny-t5", "t5")
+    stack = Stack(work, RAGQ_MODEL=f"bench={model}", RAGQ_DOCUMENTS=str(data / "documents.json"))
+    try:
+        stack.start_api()
+    except RuntimeError:
+        stack.close()
+        raise
+    return stack
 
 
 def interactive_latency_ms(url: str) -> tuple[float, dict[str, Any]]:
@@ -125,12 +82,13 @@ def main() -> int:
         print(f"bench.backlog needs the course data in {args.data}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="ragq-bench-backlog-"))
-    stack = Stack(work, args.data)
+    stack = start_stack(work, args.data)
+    client = stack.client()
     figures: dict[str, Any] = {"lines": args.lines, "backlog": args.backlog}
     try:
         body = backlog_body(args.lines, args.data)
         figures["file_mb"] = round(len(body) / 1e6, 1)
-        memory_before = int(stack.client.info("memory")["used_memory"])
+        memory_before = int(client.info("memory")["used_memory"])
         started = time.monotonic()
         response = requests.post(
             f"{stack.url}/v1/batches", data=body, headers={"Content-Type": "application/x-ndjson"}, params={"model": "bench"}, timeout=600
@@ -138,7 +96,7 @@ def main() -> int:
         accept_s = time.monotonic() - started
         response.raise_for_status()
         big = response.json()
-        memory_after = int(stack.client.info("memory")["used_memory"])
+        memory_after = int(client.info("memory")["used_memory"])
         figures["accept_s"] = round(accept_s, 2)
         figures["lines_per_s_accepted"] = round(args.lines / accept_s)
         figures["redis_bytes_per_queued_item"] = round((memory_after - memory_before) / args.lines)
@@ -146,7 +104,7 @@ def main() -> int:
         requests.post(f"{stack.url}/v1/batches/{big['id']}/cancel", timeout=600).raise_for_status()
         figures["cancel_items_per_s"] = round(args.lines / (time.monotonic() - started))
 
-        stack.start_worker()
+        stack.start_workers(1)
         idle = [interactive_latency_ms(stack.url)[0] for _ in range(5)]
         figures["interactive_idle_ms"] = round(statistics.median(idle), 1)
 
@@ -179,7 +137,7 @@ def main() -> int:
         figures["drain_items_per_s"] = round((last["succeeded"] - first["succeeded"]) / (time.monotonic() - t0), 2)
         requests.post(f"{stack.url}/v1/batches/{backlog['id']}/cancel", timeout=600)
     finally:
-        stack.stop()
+        stack.close()
     report(figures, args.json)
     return 0
 

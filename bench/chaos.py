@@ -24,78 +24,62 @@ from typing import Any
 
 import requests
 
-from bench.common import child_env, report, stop_groups
+from bench.common import Stack, report
+from cli.redis_server import start_redis
 from shared import redis_keys
-from cli.redis_server import EmbeddedRedis, free_port, start_redis
-from shared.store import connect, ready_workers
 
 PARAMS = {"max_new_tokens": 8, "min_new_tokens": 8, "num_beams": 1}
 QUESTIONS = ["How do I add more workers?", "What does ragq serve start?", "How are errors reported?", "How do I cancel?"]
 
 
 class Chaos:
-    def __init__(self, work: Path, workers: int) -> None:
+    """The stack under test: API and workers on a tiny T5, with a ledger of every run and every stored result."""
+
+    def __init__(self, work: Path) -> None:
         from worker.tiny import build_tiny_model
 
         self.work = work
         self.ledger = work / "ledger.jsonl"
         model = build_tiny_model(work / "tiny-t5", "t5")
-        self.redis: EmbeddedRedis = start_redis(work / "redis", appendonly=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = child_env(
-            REDIS_URL=self.redis.url,
+        self.stack = Stack(
+            work,
             RAGQ_MODEL=f"chaos={model}",
-            RAGQ_PORT=str(self.port),
-            RAGQ_DATA_DIR=str(work / "data"),
             RAGQ_EXECUTION_LEDGER=str(self.ledger),
             RAGQ_MAX_BATCH_SIZE="8",
             # A job still running this long (+30 s) under a live worker is re-queued (a backstop).
             RAGQ_TASK_TIME_LIMIT_S="60",
         )
-        self.api = self._spawn("api", "api")
-        self.workers = [self._spawn("worker", f"worker-{i}") for i in range(workers)]
-        self.spawned = workers
+        self.url = self.stack.url
+        self.workers: list[subprocess.Popen[bytes]] = []
 
-    def _spawn(self, command: str, name: str) -> subprocess.Popen[bytes]:
-        log = (self.work / f"{name}.log").open("ab")
-        return subprocess.Popen(
-            [sys.executable, "-m", command], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_ready(self, workers: int) -> None:
-        client = connect(self.redis.url)
-        deadline = time.monotonic() + 180
-        while ready_workers(client, 0) < workers or not self.api_ready():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"stack did not start; see {self.work}")
-            time.sleep(0.2)
+    def start(self, workers: int) -> None:
+        self.stack.start_api()
+        self.workers = self.stack.start_workers(workers)
 
     def api_ready(self) -> bool:
-        try:
-            return requests.get(f"{self.url}/readyz", timeout=2).ok
-        except requests.RequestException:
-            return False
+        return self.stack.api_ready()
 
     def kill_worker(self) -> str:
         index = random.randrange(len(self.workers))
         victim = self.workers[index]
         os.killpg(victim.pid, signal.SIGKILL)
         victim.wait()
-        self.workers[index] = self._spawn("worker", f"worker-{self.spawned}")
-        self.spawned += 1
+        # As `ragq serve` does: a replacement, whose start-up is part of what is measured.
+        self.workers[index] = self.stack.spawn("worker")
         return f"worker pid {victim.pid}"
 
     def restart_redis(self, down_s: float) -> None:
-        port, password = self.redis.port, self.redis.password
-        self.redis.process.kill()
-        self.redis.process.wait()
+        redis_server = self.stack.redis
+        redis_server.process.kill()
+        redis_server.process.wait()
         time.sleep(down_s)
-        self.redis = start_redis(self.work / "redis", port=port, password=password, appendonly=True)
+        self.stack.redis = start_redis(
+            self.work / "redis", port=redis_server.port, password=redis_server.password, appendonly=True
+        )
 
     def where_are(self, batch_id: str) -> list[dict[str, Any]]:
         """Where each unfinished job of the batch stands in Redis: what a lost job's report needs."""
-        client = connect(self.redis.url)
+        client = self.stack.client()
         held = {tag: raw for tag, raw in client.hgetall("unacked").items()}
         queues = {name: client.lrange(name, 0, -1) for name in client.keys("ragq.model.*")}
         sets = {name: client.smembers(name) for name in client.keys(redis_keys.worker_jobs("*"))}
@@ -117,8 +101,7 @@ class Chaos:
         return found
 
     def stop(self) -> None:
-        stop_groups([self.api, *self.workers])
-        self.redis.stop()
+        self.stack.close()
 
 
 def request_ok(method: str, url: str, **kwargs: Any) -> requests.Response | None:
@@ -131,10 +114,10 @@ def request_ok(method: str, url: str, **kwargs: Any) -> requests.Response | None
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ragq-chaos-"))
-    chaos = Chaos(work, args.workers)
+    chaos = Chaos(work)
     figures: dict[str, Any] = {"workers": args.workers, "submitted": args.jobs}
     try:
-        chaos.wait_ready(args.workers)
+        chaos.start(args.workers)
         body = "\n".join(
             json.dumps({"custom_id": str(i), "question": QUESTIONS[i % len(QUESTIONS)], "params": PARAMS}) for i in range(args.jobs)
         )

@@ -1,38 +1,32 @@
-"""Pieces every benchmark uses: stopping the process groups it started, printing and saving figures."""
+"""Pieces every benchmark uses: the stack it runs against (Redis, the API, workers), printing and saving figures.
+
+Children are stopped through `cli.processes`, the same code `ragq serve` and the tests use.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-from collections.abc import Iterable
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import redis
+import requests
+
+from cli import processes
+from cli.redis_server import EmbeddedRedis, free_port, start_redis
+from shared.store import connect, ready_workers
+
+API_START_TIMEOUT_S = 60
+WORKER_START_TIMEOUT_S = 180
+# A worker announces itself just before it starts consuming: give it that moment before measuring.
+WORKER_SETTLE_S = 1.0
 
 def child_env(**settings: str) -> dict[str, str]:
     """This process's environment without ragq settings of its own, offline, plus `settings` for the children."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_") and k != "REDIS_URL"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env.update(settings)
-    return env
-
-
-def stop_groups(children: Iterable[subprocess.Popen[bytes]], grace_s: float = 30) -> None:
-    """SIGTERM each child's process group, wait, then SIGKILL what is left."""
-    children = list(children)
-    for child in children:
-        try:
-            os.killpg(child.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for child in children:
-        try:
-            child.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
+    return processes.child_env(HF_HUB_OFFLINE="1", **settings)
 
 
 def report(figures: dict[str, Any], json_path: Path | None) -> None:
@@ -45,27 +39,83 @@ def report(figures: dict[str, Any], json_path: Path | None) -> None:
         json_path.write_text(json.dumps(figures, indent=2))
 
 
-def start_api(work: Path, env: dict[str, str], processes: int = 1) -> subprocess.Popen[bytes]:
-    """`ragq api` on `env`'s RAGQ_PORT, its log in `work`; returns once `/readyz` answers."""
-    import sys
-    import time
+class Stack:
+    """An embedded Redis (AOF on) and `python -m api` / `python -m worker` children, logs under `work`.
 
-    import requests
+    `settings` are RAGQ_* variables for every child, on top of the Redis URL, the API port and a data folder.
+    """
 
-    with (work / "api.log").open("ab") as log:
-        api = subprocess.Popen(
-            [sys.executable, "-m", "api", "--processes", str(processes)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    def __init__(self, work: Path, **settings: str) -> None:
+        self.work = work
+        self.redis: EmbeddedRedis = start_redis(work / "redis", appendonly=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = child_env(
+            REDIS_URL=self.redis.url, RAGQ_PORT=str(self.port), RAGQ_DATA_DIR=str(work / "data"), **settings
         )
-    url = f"http://127.0.0.1:{env['RAGQ_PORT']}"
-    deadline = time.monotonic() + 60
-    while True:
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.workers_started = 0
+
+    def client(self) -> redis.Redis:
+        """A Redis client on the stack's Redis (strings decoded)."""
+        return connect(self.redis.url)
+
+    def spawn(self, package: str, *args: str, log: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `python -m PACKAGE ARGS` in a process group of its own, its output appended to WORK/LOG.log."""
+        if log is None:
+            log = package if package != "worker" else f"worker-{self.workers_started}"
+        if package == "worker":
+            self.workers_started += 1
+        with (self.work / f"{log}.log").open("ab") as out:
+            child = subprocess.Popen(
+                [sys.executable, "-m", package, *args],
+                env=self.env if env is None else env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.children.append(child)
+        return child
+
+    def api_ready(self) -> bool:
+        """Whether the API answers /readyz."""
         try:
-            if requests.get(f"{url}/readyz", timeout=2).ok:
-                return api
+            return requests.get(f"{self.url}/readyz", timeout=2).ok
         except requests.RequestException:
-            pass
-        if time.monotonic() > deadline or api.poll() is not None:
-            stop_groups([api])
-            raise RuntimeError(f"the API did not start; see {work / 'api.log'}")
-        time.sleep(0.2)
+            return False
+
+    def start_api(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """`python -m api ARGS`; returns once /readyz answers."""
+        api = self.spawn("api", *args, env=env)
+        deadline = time.monotonic() + API_START_TIMEOUT_S
+        while not self.api_ready():
+            if time.monotonic() > deadline or api.poll() is not None:
+                self.stop([api])
+                raise RuntimeError(f"the API did not start; see {self.work / 'api.log'}")
+            time.sleep(0.2)
+        return api
+
+    def start_workers(
+        self, count: int = 1, *args: str, env: dict[str, str] | None = None, timeout_s: float = WORKER_START_TIMEOUT_S
+    ) -> list[subprocess.Popen[bytes]]:
+        """`count` × `python -m worker ARGS`; returns once each has loaded its model and announced itself."""
+        since = time.time()
+        workers = [self.spawn("worker", *args, env=env) for _ in range(count)]
+        client = self.client()
+        deadline = time.monotonic() + timeout_s
+        while ready_workers(client, since) < count:
+            if time.monotonic() > deadline or any(worker.poll() is not None for worker in workers):
+                raise RuntimeError(f"the workers did not start; see the worker logs in {self.work}")
+            time.sleep(0.2)
+        time.sleep(WORKER_SETTLE_S)
+        return workers
+
+    def stop(self, children: list[subprocess.Popen[bytes]]) -> None:
+        """Stop these children's process groups."""
+        processes.stop_groups(children)
+        self.children = [child for child in self.children if child not in children]
+
+    def close(self) -> None:
+        """Stop every child, then Redis."""
+        self.stop(list(self.children))
+        self.redis.stop()

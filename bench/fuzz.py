@@ -20,8 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import child_env, report, start_api, stop_groups
-from cli.redis_server import free_port, start_redis
+from bench.common import Stack, report
 
 FUZZ_KEY = "fuzz-key-0123456789abcdef"
 HEADERS = {"Authorization": f"Bearer {FUZZ_KEY}"}
@@ -120,26 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     import schemathesis
 
     work = Path(tempfile.mkdtemp(prefix="ragq-fuzz-"))
-    redis = start_redis(work / "redis")
-    port = free_port()
-    env = child_env(
-        REDIS_URL=redis.url, RAGQ_PORT=str(port), RAGQ_DATA_DIR=str(work / "data"), RAGQ_API_KEYS=f"fuzz:{FUZZ_KEY}",
-        RAGQ_RATE_LIMIT_PER_MIN="1000000000",
-    )
-    url = f"http://127.0.0.1:{port}"
+    stack = Stack(work, RAGQ_API_KEYS=f"fuzz:{FUZZ_KEY}", RAGQ_RATE_LIMIT_PER_MIN="1000000000")
     try:
-        api = start_api(work, env)
-    except RuntimeError:
-        redis.stop()
-        raise
-    try:
+        stack.start_api()
         started = time.monotonic()
-        schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-        figures = fuzz(schema, args.cases, base_url=url, headers=HEADERS)
+        schema = schemathesis.openapi.from_url(f"{stack.url}/openapi.json")
+        figures = fuzz(schema, args.cases, base_url=stack.url, headers=HEADERS)
         figures["seconds"] = round(time.monotonic() - started, 1)
     finally:
-        stop_groups([api])
-        redis.stop()
+        stack.close()
     table = {k: v for k, v in figures.items() if k not in ("statuses", "failures")}
     report(table | {f"  {label}": n for label, n in figures["statuses"].items()}, None)
     for failure in figures["failures"]:

@@ -14,7 +14,6 @@ and tenant `limited` sends `--rate` + 20 requests within a minute against `RAGQ_
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,9 +25,7 @@ from typing import Any
 
 import requests
 
-from bench.common import child_env, report, start_api, stop_groups
-from cli.redis_server import free_port, start_redis
-from shared.store import connect, ready_workers
+from bench.common import Stack, report
 
 KEYS = {
     "load": "load-key-0123456789abcdef",
@@ -114,14 +111,6 @@ def throughput(url: str, clients: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def wait_for_worker(client: Any, worker: subprocess.Popen[bytes], work: Path) -> None:
-    deadline = time.monotonic() + 180
-    while ready_workers(client, 0) < 1:
-        if time.monotonic() > deadline or worker.poll() is not None:
-            raise RuntimeError(f"the worker did not start; see {work / 'worker.log'}")
-        time.sleep(0.2)
-
-
 def quotas(url: str, quota: int, rate: int) -> dict[str, Any]:
     """429s from the outstanding-jobs quota and from the rate limit, against how many were expected."""
     session = requests.Session()
@@ -164,45 +153,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.quota < 1 or args.quota + 20 > args.rate:
         parser.error("--quota must be at least 1, and --quota + 20 at most --rate (the quota phase must stay under the rate)")
     work = Path(tempfile.mkdtemp(prefix="ragq-load-"))
-    redis = start_redis(work / "redis", appendonly=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     from worker.tiny import build_tiny_model
 
     model = build_tiny_model(work / "tiny-t5", "t5")
-    base = child_env(
-        REDIS_URL=redis.url,
-        RAGQ_PORT=str(port),
-        RAGQ_DATA_DIR=str(work / "data"),
+    stack = Stack(
+        work,
         RAGQ_MODEL=f"load={model}",
         RAGQ_MODELS="unserved=nowhere/none",
         RAGQ_API_KEYS=",".join(f"{tenant}:{key}" for tenant, key in KEYS.items()),
     )
+    processes = ["--processes", str(args.processes)]
     figures: dict[str, Any] = {"processes": args.processes}
     try:
         # Phase 1 with quotas out of the way, phase 2 with them set low.
-        phase1 = base | {"RAGQ_RATE_LIMIT_PER_MIN": "1000000000"}
-        with (work / "worker.log").open("ab") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "worker"], env=phase1, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            wait_for_worker(connect(redis.url), worker, work)
-            api = start_api(work, phase1, args.processes)
-            try:
-                figures.update(throughput(url, args.clients, args.seconds))
-            finally:
-                stop_groups([api])
-        finally:
-            stop_groups([worker])
+        phase1 = stack.env | {"RAGQ_RATE_LIMIT_PER_MIN": "1000000000"}
+        workers = stack.start_workers(1, env=phase1)
+        api = stack.start_api(*processes, env=phase1)
+        figures.update(throughput(stack.url, args.clients, args.seconds))
+        stack.stop([api, *workers])
         limits = {"RAGQ_MAX_OUTSTANDING_JOBS": str(args.quota), "RAGQ_RATE_LIMIT_PER_MIN": str(args.rate)}
-        api = start_api(work, base | limits, args.processes)
-        try:
-            figures.update(quotas(url, args.quota, args.rate))
-        finally:
-            stop_groups([api])
+        stack.start_api(*processes, env=stack.env | limits)
+        figures.update(quotas(stack.url, args.quota, args.rate))
     finally:
-        redis.stop()
+        stack.close()
     report(figures, args.json)
     ok = (
         figures["errors"] == 0

@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +30,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Phi3Config, T5Config
 
-from bench.common import child_env, stop_groups
-from cli.redis_server import free_port, start_redis
+from bench.common import Stack
 from worker.corpus import load_documents
 from worker.generation import Generator, load_generator
 from worker.pipeline import CallSizeCap, CallLimits, Question, answer, answer_microbatch
@@ -155,60 +153,26 @@ def run_batched(
     return Run(f"(b) in-process, batches of {batch_size}", time.perf_counter() - started, len(questions), tokens, [])
 
 
-class System:
-    """Embedded Redis, `ragq api` (gunicorn) and one `ragq worker`, as subprocesses."""
-
-    def __init__(self, work: Path, model: Path, data: Path, env_extra: dict[str, str]) -> None:
-        self.redis = start_redis(work / "redis", appendonly=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = child_env(
-            REDIS_URL=self.redis.url,
-            RAGQ_MODEL=f"bench={model}",
-            RAGQ_DOCUMENTS=str(data / "documents.json"),
-            RAGQ_PORT=str(self.port),
-            RAGQ_DATA_DIR=str(work / "data"),
-            RAGQ_API_THREADS="256",
-            **env_extra,
-        )
-        self.logs = work / "logs"
-        self.logs.mkdir(exist_ok=True)
-        self.children = [self._spawn("worker", env), self._spawn("api", env)]
-
-    def _spawn(self, command: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{command}.log").open("wb")
-        return subprocess.Popen(
-            [sys.executable, "-m", command, *(["--loglevel", "WARNING"] if command == "worker" else [])],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout_s: float = 900) -> None:
-        from shared.store import connect, ready_workers
-
-        client = connect(self.redis.url)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for child in self.children:
-                if child.poll() is not None:
-                    raise RuntimeError(f"a child exited; see {self.logs}")
-            try:
-                if ready_workers(client, 0) and requests.get(f"{self.url}/readyz", timeout=2).ok:
-                    time.sleep(1)  # the worker announces itself just before it starts consuming
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"system not ready; see {self.logs}")
-
-    def stop(self) -> None:
-        stop_groups(self.children)
-        self.redis.stop()
+def start_system(work: Path, model: Path, data: Path, env_extra: dict[str, str]) -> Stack:
+    """Embedded Redis, one `python -m worker` and the API (gunicorn), as subprocesses, for model `bench`."""
+    stack = Stack(
+        work,
+        RAGQ_MODEL=f"bench={model}",
+        RAGQ_DOCUMENTS=str(data / "documents.json"),
+        RAGQ_API_THREADS="256",
+        **env_extra,
+    )
+    try:
+        # A real model on a GPU may take minutes to load and warm up.
+        stack.start_workers(1, "--loglevel", "WARNING", timeout_s=900)
+        stack.start_api()
+    except RuntimeError:
+        stack.close()
+        raise
+    return stack
 
 
-def run_system(system: System, questions: list[Question], params: dict[str, Any], clients: int) -> Run:
+def run_system(system: Stack, questions: list[Question], params: dict[str, Any], clients: int) -> Run:
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_connections=clients, pool_maxsize=clients)
     session.mount("http://", adapter)
@@ -286,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     if "c" not in skip:
         print(f"(c) system over {n} ...", flush=True)
-        system = System(
+        system = start_system(
             work,
             model_dir,
             args.data,
@@ -297,10 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             },
         )
         try:
-            system.wait_ready()
             runs["c"] = run_system(system, questions, params, args.clients)
         finally:
-            system.stop()
+            system.close()
 
     print()
     print(f"shape {args.shape}, device {args.device}, n {n}, {new_tokens} new tokens per question, beams {args.num_beams}")
