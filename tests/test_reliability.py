@@ -22,13 +22,18 @@ from shared.config import Settings
 from shared.jobs import Job, JobStatus
 from shared.store import JobStore
 from tests.helpers import WorkerProcess, start_worker
-from worker.housekeeping import Housekeeper
+from worker.audit import MessageAudit
+from worker.liveness import Reaper
 
 SLOW = {"max_new_tokens": 300, "min_new_tokens": 300, "num_beams": 4}
 
 
-def housekeeper(store: JobStore, settings: Settings, name: str = "reaper@test") -> Housekeeper:
-    return Housekeeper(BatchStore(store), make_celery(settings), "unserved", 8, None, worker_name=name, max_attempts=3)
+def reaper(store: JobStore, settings: Settings, worker_name: str = "reaper@test") -> Reaper:
+    return Reaper(store, make_celery(settings), worker_name, max_attempts=3)
+
+
+def message_audit(store: JobStore, settings: Settings) -> MessageAudit:
+    return MessageAudit(store, make_celery(settings), "unserved")
 
 
 def running_job(store: JobStore, job_id: str, worker: str, attempts: int) -> None:
@@ -57,7 +62,7 @@ def test_reaper_requeues_a_dead_workers_jobs_and_fails_exhausted_ones(
     store.create(Job(id="reserved", status=JobStatus.QUEUED, question="q", model="unserved", created_at=time.time()))
     redis_client.sadd(redis_keys.worker_jobs("dead@h"), "reserved")
     redis_client.set(redis_keys.worker_alive("alive@h"), "1", ex=10)
-    requeued = housekeeper(store, settings).reap_dead_workers()
+    requeued = reaper(store, settings).reap_dead_workers()
     assert sorted(requeued) == ["fresh", "reserved"]
     assert redis_client.llen(redis_keys.model_queue("unserved")) == 2
     assert store.get("fresh").status is JobStatus.RUNNING
@@ -67,7 +72,7 @@ def test_reaper_requeues_a_dead_workers_jobs_and_fails_exhausted_ones(
     assert store.get("other").status is JobStatus.RUNNING
     assert redis_client.smembers(redis_keys.workers_with_jobs()) == {"alive@h"}
     # A second reaper finds nothing left to do.
-    assert housekeeper(store, settings, "other-reaper@test").reap_dead_workers() == []
+    assert reaper(store, settings, "other-reaper@test").reap_dead_workers() == []
 
 
 def kill_group(worker: WorkerProcess) -> None:
@@ -149,8 +154,8 @@ def test_job_running_past_the_time_limit_under_a_live_worker_is_requeued(
     running_job(store, "recent", "alive@h", 1)
     redis_client.set(redis_keys.worker_alive("alive@h"), "1", ex=10)
     store.redis.hset(redis_keys.job("stuck"), "started_at", json.dumps(time.time() - 1000))
-    keeper = Housekeeper(BatchStore(store), make_celery(settings), "unserved", 8, None, worker_name="me@h", max_attempts=3, task_time_limit_s=60)
-    assert keeper.requeue_overdue() == ["stuck"]
+    overdue_reaper = Reaper(store, make_celery(settings), "me@h", max_attempts=3, task_time_limit_s=60)
+    assert overdue_reaper.requeue_overdue() == ["stuck"]
     assert redis_client.llen(redis_keys.model_queue("unserved")) == 1
     assert redis_client.smembers(redis_keys.worker_jobs("alive@h")) == {"recent"}
     # The live worker's claim was given up, so the re-sent message's claim goes through.
@@ -166,33 +171,33 @@ def test_message_audit_sends_again_a_message_taken_from_the_queue_but_never_deli
     store: JobStore, settings: Settings, redis_client: redis.Redis
 ) -> None:
     # Kombu pops a message, then records its delivery; a connection lost in between drops the message.
-    keeper = housekeeper(store, settings)
+    audit = message_audit(store, settings)
     queue = redis_keys.model_queue("unserved")
     for job_id in ("dropped", "waiting"):
         queued_job(store, job_id)
-        enqueue(keeper.celery, redis_client, job_id, "unserved")
+        enqueue(audit.celery, redis_client, job_id, "unserved")
         time.sleep(0.01)
     assert "dropped" in redis_client.rpop(queue)
     # Within the slack for senders racing between noting and pushing, nothing is concluded.
-    assert keeper.audit_messages(stale_s=0, slack_s=5) == []
-    assert keeper.audit_messages(stale_s=0, slack_s=0) == ["dropped"]
+    assert audit.audit_messages(stale_s=0, slack_s=5) == []
+    assert audit.audit_messages(stale_s=0, slack_s=0) == ["dropped"]
     # Sent again, behind the one still waiting; the one still in its queue is left alone.
     assert [job_of(m) for m in redis_client.lrange(queue, 0, -1)] == ["dropped", "waiting"]
-    assert keeper.audit_messages(stale_s=0, slack_s=0) == []
+    assert audit.audit_messages(stale_s=0, slack_s=0) == []
 
 
 def test_a_resent_job_does_not_make_the_jobs_behind_its_first_message_look_lost(
     store: JobStore, settings: Settings, redis_client: redis.Redis
 ) -> None:
     # The send time is read off the oldest message itself, not off its job's latest send.
-    keeper = housekeeper(store, settings)
+    audit = message_audit(store, settings)
     for job_id in ("first", "second"):
         queued_job(store, job_id)
-        enqueue(keeper.celery, redis_client, job_id, "unserved")
+        enqueue(audit.celery, redis_client, job_id, "unserved")
         time.sleep(0.01)
     time.sleep(0.05)
-    enqueue(keeper.celery, redis_client, "first", "unserved")  # a second message, "first"'s first one still queued
-    assert keeper.audit_messages(stale_s=0, slack_s=0) == []
+    enqueue(audit.celery, redis_client, "first", "unserved")  # a second message, "first"'s first one still queued
+    assert audit.audit_messages(stale_s=0, slack_s=0) == []
 
 
 def test_a_duplicate_message_never_takes_a_job_from_a_live_worker(store: JobStore, redis_client: redis.Redis) -> None:
@@ -207,15 +212,15 @@ def test_a_duplicate_message_never_takes_a_job_from_a_live_worker(store: JobStor
 def test_message_audit_ignores_recent_messages_and_jobs_that_were_taken(
     store: JobStore, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    keeper = housekeeper(store, settings)
+    audit = message_audit(store, settings)
     for job_id in ("recent", "taken"):
         queued_job(store, job_id)
-        enqueue(keeper.celery, redis_client, job_id, "unserved")
+        enqueue(audit.celery, redis_client, job_id, "unserved")
     redis_client.delete(redis_keys.model_queue("unserved"))
     assert store.transition("taken", JobStatus.RUNNING, worker="alive@h").applied
     redis_client.set(redis_keys.worker_alive("alive@h"), "1", ex=10)
-    assert keeper.audit_messages(stale_s=60) == []
-    assert keeper.audit_messages(stale_s=0, slack_s=0) == ["recent"]
+    assert audit.audit_messages(stale_s=60) == []
+    assert audit.audit_messages(stale_s=0, slack_s=0) == ["recent"]
     # Taking a job ends the audit's watch over it.
     assert redis_client.zrange(redis_keys.sent("unserved"), 0, -1) == ["recent"]
 
@@ -225,19 +230,19 @@ def test_message_audit_takes_back_a_delivery_that_was_never_claimed(
 ) -> None:
     # A message delivered to a consumer whose connection then died (a Redis restart): Kombu would give it
     # back only after the visibility timeout, an hour by default.
-    keeper = housekeeper(store, settings)
+    audit = message_audit(store, settings)
     queue = redis_keys.model_queue("unserved")
     for job_id in ("orphan", "fresh"):
         queued_job(store, job_id)
-        enqueue(keeper.celery, redis_client, job_id, "unserved")
+        enqueue(audit.celery, redis_client, job_id, "unserved")
     for tag, delivered_at in (("tag-orphan", time.time() - 120), ("tag-fresh", time.time())):
         payload = redis_client.rpop(queue)
         redis_client.hset(redis_keys.broker_unacked(), tag, json.dumps([json.loads(payload), queue, queue]))
         redis_client.zadd(redis_keys.broker_unacked_index(), {tag: delivered_at})
-    assert keeper.audit_messages(stale_s=60) == []  # sent just now
+    assert audit.audit_messages(stale_s=60) == []  # sent just now
     seconds, _ = redis_client.time()
     redis_client.zadd(redis_keys.sent("unserved"), {"orphan": seconds - 100, "fresh": seconds - 100})
-    assert keeper.audit_messages(stale_s=60) == ["orphan"]
+    assert audit.audit_messages(stale_s=60) == ["orphan"]
     assert redis_client.hkeys(redis_keys.broker_unacked()) == ["tag-fresh"]
     assert [job_of(m) for m in redis_client.lrange(queue, 0, -1)] == ["orphan"]
 
@@ -283,11 +288,11 @@ def test_sigterm_lets_the_running_batch_finish_and_leaves_the_rest_queued(
 def test_batch_items_a_feeder_took_but_never_sent_are_sent_by_the_audit(
     store: JobStore, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    keeper = housekeeper(store, settings)
+    audit = message_audit(store, settings)
     batch = Batch.new("unserved", 2, "24h", None, None)
     items = [[f"00000000-0000-4000-8000-00000000000{i}", "q", None, 5, {}, str(i)] for i in range(2)]
     BatchStore(store).create(batch, items)
-    taken = keeper.batches.take_pending("unserved", 2)  # and the feeder dies here
+    taken = BatchStore(store).take_pending("unserved", 2)  # and the feeder dies here
     assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 0
-    assert sorted(keeper.audit_messages(stale_s=0, slack_s=0)) == sorted(taken) == [row[0] for row in items]
+    assert sorted(audit.audit_messages(stale_s=0, slack_s=0)) == sorted(taken) == [row[0] for row in items]
     assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 2

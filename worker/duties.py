@@ -1,38 +1,131 @@
-"""The background duties of a worker process, started and stopped together (see each duty's module)."""
+"""The background duties of a worker process, each on a thread of its own, started and stopped together.
+
+A duty is a small class in a module of its own (`feeder`, `expiry`, `callbacks`, `liveness`, `audit`) that says
+what one round of it does (`step`) and how often it runs; `PeriodicLoop` is the one loop that runs any of them.
+A thread per duty means a slow round of one (expiring a 100,000-item batch takes seconds) never delays another:
+above all not the heartbeat, whose lapse gets this worker's jobs run again elsewhere.
+"""
 
 from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from shared.batch_store import BatchStore
 from shared.broker import make_celery
 from shared.config import Settings
 from shared.store import JobStore
-from worker.housekeeping import Housekeeper
+from worker.audit import MessageAudit
+from worker.callbacks import CallbackSender
+from worker.expiry import Expiry
+from worker.feeder import Feeder
+from worker.liveness import Heartbeat, Reaper
+
+log = logging.getLogger(__name__)
+
+# After a failed round (Redis down, say) a loop waits this long before the next, instead of spinning.
+ERROR_PAUSE_S = 1.0
 
 
+class Duty(Protocol):
+    """What `PeriodicLoop` needs of a duty."""
+
+    thread_name: str
+    every_s: float
+    first_wait_s: float
+
+    def step(self) -> bool:
+        """Do one round; True when more work is waiting, so the next round starts at once."""
+        ...
+
+
+class PeriodicLoop:
+    """Runs `step` on a named daemon thread: at once again while it reports more work, else every `every_s`
+    seconds, until `stop` is set. A round that raises is logged and retried after `error_pause_s`."""
+
+    def __init__(
+        self,
+        name: str,
+        step: Callable[[], bool],
+        every_s: float,
+        stop: threading.Event,
+        first_wait_s: float = 0.0,
+        error_pause_s: float = ERROR_PAUSE_S,
+    ) -> None:
+        self.step = step
+        self.every_s = every_s
+        self.stop = stop
+        self.first_wait_s = first_wait_s
+        self.error_pause_s = error_pause_s
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start the loop's thread."""
+        self.thread.start()
+
+    def _run(self) -> None:
+        wait_s = self.first_wait_s
+        while not self.stop.wait(wait_s):
+            try:
+                more = self.step()
+            except Exception:
+                # Redis may be down for a while; the loops must outlive that.
+                log.exception("%s: housekeeping error; retrying", self.thread.name)
+                wait_s = self.error_pause_s
+                continue
+            wait_s = 0.0 if more else self.every_s
+
+
+@dataclass
 class Duties:
-    """The running duties of one worker process."""
+    """The duties of one worker process; `start` runs each on its own thread."""
 
-    def __init__(self, housekeeper: Housekeeper) -> None:
-        self.housekeeper = housekeeper
+    heartbeat: Heartbeat
+    feeder: Feeder
+    expiry: Expiry
+    callbacks: CallbackSender
+    reaper: Reaper
+    audit: MessageAudit
+    loops: list[PeriodicLoop] = field(default_factory=list, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: JobStore, worker_name: str, feed_depth: int) -> Duties:
+        """The duties of worker `worker_name` serving the model `settings.worker_spec`, not yet started."""
+        batches = BatchStore(store)
+        celery = make_celery(settings)
+        model_name = settings.worker_spec.name
+        return cls(
+            heartbeat=Heartbeat(store.redis, worker_name),
+            feeder=Feeder(batches, celery, model_name, feed_depth),
+            expiry=Expiry(batches),
+            callbacks=CallbackSender(batches, settings.callback_secret, settings.callback_allow_private),
+            reaper=Reaper(store, celery, worker_name, settings.max_attempts, settings.task_time_limit_s),
+            audit=MessageAudit(store, celery, model_name),
+        )
+
+    def all(self) -> list[Duty]:
+        """Every duty, the heartbeat first."""
+        return [self.heartbeat, self.feeder, self.expiry, self.callbacks, self.reaper, self.audit]
+
+    def start(self) -> None:
+        """Say this worker is alive (raises if Redis is down), then start every duty's loop."""
+        self.heartbeat.step()
+        for duty in self.all():
+            loop = PeriodicLoop(duty.thread_name, duty.step, duty.every_s, self._stop, duty.first_wait_s)
+            loop.start()
+            self.loops.append(loop)
 
     def stop(self) -> None:
         """Ask every duty's thread to stop (they are daemon threads: a stopping process does not wait for them)."""
-        self.housekeeper.stop()
+        self._stop.set()
 
 
 def start_duties(settings: Settings, store: JobStore, worker_name: str, feed_depth: int) -> Duties:
     """Say this worker is alive, then start its background duties for the model `settings.worker_spec`."""
-    housekeeper = Housekeeper(
-        BatchStore(store),
-        make_celery(settings),
-        settings.worker_spec.name,
-        feed_depth,
-        settings.callback_secret,
-        worker_name=worker_name,
-        max_attempts=settings.max_attempts,
-        task_time_limit_s=settings.task_time_limit_s,
-        callback_allow_private=settings.callback_allow_private,
-    )
-    housekeeper.heartbeat()
-    housekeeper.start()
-    return Duties(housekeeper)
+    duties = Duties.from_settings(settings, store, worker_name, feed_depth)
+    duties.start()
+    return duties
