@@ -60,7 +60,9 @@ class Stack:
         """A Redis client on the stack's Redis (strings decoded)."""
         return connect(self.redis.url)
 
-    def spawn(self, package: str, *args: str, log: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, package: str, *args: str, log: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start `python -m PACKAGE ARGS` in a process group of its own, its output appended to WORK/LOG.log."""
         if log is None:
             log = package if package != "worker" else f"worker-{self.workers_started}"

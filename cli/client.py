@@ -24,8 +24,11 @@ TRANSIENT_STATUSES = frozenset({502, 503, 504})
 class ApiError(Exception):
     """A request the API refused (`response` set) or could not be made at all (`response` is None)."""
 
-    def __init__(self, base_url: str, response: requests.Response | None = None, cause: Exception | None = None) -> None:
-        super().__init__(f"HTTP {response.status_code}" if response is not None else f"cannot reach {base_url}: {cause}")
+    def __init__(
+        self, base_url: str, response: requests.Response | None = None, cause: Exception | None = None
+    ) -> None:
+        reason = f"HTTP {response.status_code}" if response is not None else f"cannot reach {base_url}: {cause}"
+        super().__init__(reason)
         self.base_url = base_url
         self.response = response
         self.cause = cause

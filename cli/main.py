@@ -80,7 +80,7 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def exec_module(module: str, *args: str) -> int:
-    """Replace this process with `python -m MODULE ARGS` (same pid, so signals and exit codes pass straight through)."""
+    """Become `python -m MODULE ARGS` (the same pid, so signals and the exit code pass straight through)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-m", module, *args])
@@ -89,7 +89,8 @@ def exec_module(module: str, *args: str) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """`ragq worker`: become `python -m worker` with the same options."""
-    return exec_module("worker", *(["--model", args.model] if args.model is not None else []), "--loglevel", args.loglevel)
+    model = ["--model", args.model] if args.model is not None else []
+    return exec_module("worker", *model, "--loglevel", args.loglevel)
 
 
 def cmd_api(args: argparse.Namespace) -> int:

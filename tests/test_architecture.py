@@ -206,8 +206,8 @@ def test_the_ragq_serve_parent_loads_neither_torch_nor_the_worker(graph: Graph) 
     [
         ("shared/config.py", "import worker.runtime", "shared.config imports worker.runtime"),
         ("shared/store.py", "from cli import serve", "shared.store imports cli.serve"),
-        ("api/errors.py", "from shared.models import ModelSpec\nimport worker.model_check", "api.errors loads worker.model_check"),
-        ("cli/client.py", "def late() -> None:\n    from cli.batch import submit_batch", "import cycle: cli.batch -> cli.client"),
+        ("api/errors.py", "import worker.model_check", "api.errors loads worker.model_check"),
+        ("cli/client.py", "def late() -> None:\n    from cli import batch", "import cycle: cli.batch -> cli.client"),
         ("cli/progress.py", "import transformers", "cli.progress loads transformers"),
     ],
 )

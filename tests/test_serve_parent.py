@@ -46,7 +46,9 @@ def test_serve_start_up_imports_neither_torch_nor_transformers(tmp_path: Path) -
     assert report == {"started": True, "children": ["worker-1", "worker-2", "api"], "loaded": []}
 
 
-def test_the_model_check_in_a_child_says_what_the_check_in_process_says(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+def test_the_model_check_in_a_child_says_what_the_check_in_process_says(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
     from worker.model_check import check_model
 
     env = child_env(HF_HUB_OFFLINE="1")

@@ -42,8 +42,9 @@ def run(model: str | None, loglevel: str) -> int:
     app = create_app(settings)
     node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
     # Gossip and mingle only cost messages here: workers never coordinate with each other.
+    hostname = f"ragq-{node}-{os.getpid()}@%h"
     app.worker_main(
-        ["worker", f"--loglevel={loglevel}", f"--hostname=ragq-{node}-{os.getpid()}@%h", "--without-gossip", "--without-mingle"]
+        ["worker", f"--loglevel={loglevel}", f"--hostname={hostname}", "--without-gossip", "--without-mingle"]
     )
     return 0
 
