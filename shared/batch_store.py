@@ -27,6 +27,7 @@ CHUNK = 2000
 # KEYS: none; ARGV[1] active list, ARGV[2] pending template, ARGV[3] the model's sent set, ARGV[4] n.
 # Rotates the active list, taking one item per batch per turn; drops batches whose pending list is empty.
 # Taken items are noted as sent at once: if the feeder dies before sending them, the message audit does.
+# Returns {the time they were noted as sent (Redis's clock), the ids}.
 _TAKE_LUA = with_now("""
 local active, sent, n = ARGV[1], ARGV[3], tonumber(ARGV[4])
 local now = now()
@@ -43,7 +44,7 @@ while #taken < n and batches > 0 do
     batches = batches - 1
   end
 end
-return taken
+return {tostring(now), taken}
 """)
 
 
@@ -228,9 +229,13 @@ class BatchStore:
                     "usage": job.usage,
                 }
 
-    def take_pending(self, model_name: str, n: int) -> list[str]:
-        """Up to `n` pending items of `model_name`'s batches, round-robin, noted as sent (see `_TAKE_LUA`)."""
-        return list(self._take(args=[redis_keys.active_batches(model_name), redis_keys.batch_pending("{id}"), redis_keys.sent(model_name), n]))
+    def take_pending(self, model_name: str, n: int) -> tuple[list[str], str]:
+        """Up to `n` pending items of `model_name`'s batches, round-robin, and the time they were noted as sent
+        (see `_TAKE_LUA`; pass it on to `shared.broker.enqueue_many`)."""
+        sent_at, job_ids = self._take(
+            args=[redis_keys.active_batches(model_name), redis_keys.batch_pending("{id}"), redis_keys.sent(model_name), n]
+        )
+        return list(job_ids), str(sent_at)
 
 
 def encode_result(result: dict[str, Any]) -> bytes:

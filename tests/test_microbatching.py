@@ -18,7 +18,7 @@ from worker.prompt import DEFAULT_TEMPLATE, Prompt
 from cli.redis_server import free_port
 from shared.store import JobStore, connect
 from worker.handoff import InteractiveHandoff
-from worker.micromicrobatcher import BACKLOG, SKIPPED, Micromicrobatcher, MicrobatchItem
+from worker.microbatcher import BACKLOG, SKIPPED, Microbatcher, MicrobatchItem
 from worker.corpus import load_documents
 from worker.generation import Generation, Generator, load_generator
 from worker.pipeline import CallSizeCap, CallLimits, Prepared, Question, answer_microbatch, plan_calls
@@ -150,7 +150,7 @@ def test_microbatcher_takes_what_waits_within_the_window() -> None:
         seen.append(len(items))
         return [item.payload * 2 for item in items]
 
-    microbatcher = Micromicrobatcher(run, max_size=4, wait_ms=200)
+    microbatcher = Microbatcher(run, max_size=4, wait_ms=200)
     futures = [microbatcher.submit(f"j{i}", i) for i in range(6)]
     assert [f.result(timeout=5) for f in futures] == [0, 2, 4, 6, 8, 10]
     assert seen == [4, 2]
@@ -158,7 +158,7 @@ def test_microbatcher_takes_what_waits_within_the_window() -> None:
 
 
 def test_microbatcher_does_not_wait_past_the_window() -> None:
-    microbatcher = Micromicrobatcher(lambda items: [None] * len(items), max_size=64, wait_ms=50)
+    microbatcher = Microbatcher(lambda items: [None] * len(items), max_size=64, wait_ms=50)
     started = time.monotonic()
     microbatcher.submit("j", 1).result(timeout=5)
     assert time.monotonic() - started < 1
@@ -171,7 +171,7 @@ def test_microbatcher_goes_on_when_redis_cannot_say_whether_interactive_jobs_wai
     def redis_down() -> bool:
         raise redis.ConnectionError("Connection refused")
 
-    microbatcher = Micromicrobatcher(lambda items: [item.payload * 2 for item in items], max_size=4, wait_ms=0, handoff=InteractiveHandoff(redis_down))
+    microbatcher = Microbatcher(lambda items: [item.payload * 2 for item in items], max_size=4, wait_ms=0, handoff=InteractiveHandoff(redis_down))
     assert microbatcher.submit("a", 1, BACKLOG).result(timeout=5) == 2
     assert microbatcher.submit("b", 2, BACKLOG).result(timeout=5) == 4
     microbatcher.stop()
@@ -183,7 +183,7 @@ def test_microbatcher_survives_a_batch_that_raises() -> None:
             raise ValueError("boom")
         return ["ok"] * len(items)
 
-    microbatcher = Micromicrobatcher(run, max_size=1, wait_ms=0)
+    microbatcher = Microbatcher(run, max_size=1, wait_ms=0)
     with pytest.raises(ValueError):
         microbatcher.submit("a", "boom").result(timeout=5)
     assert microbatcher.submit("b", "fine").result(timeout=5) == "ok"
@@ -194,7 +194,7 @@ def test_job_cancelled_in_the_microbatch_window_is_skipped(
     store: JobStore, settings: Settings, retriever: Retriever, t5: Generator
 ) -> None:
     answerer = Answerer(store, retriever, t5, DEFAULT_TEMPLATE, CallLimits(CallSizeCap(8), 1 << 30))
-    microbatcher = Micromicrobatcher(answerer, max_size=8, wait_ms=500)
+    microbatcher = Microbatcher(answerer, max_size=8, wait_ms=500)
     jobs = []
     for i, q in enumerate(QUESTIONS[:3]):
         job = Job(id=f"job-{i}", status=JobStatus.QUEUED, question=q, model="tiny-t5")

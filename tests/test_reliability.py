@@ -292,7 +292,7 @@ def test_batch_items_a_feeder_took_but_never_sent_are_sent_by_the_audit(
     batch = Batch.new("unserved", 2, "24h", None, None)
     items = [[f"00000000-0000-4000-8000-00000000000{i}", "q", None, 5, {}, str(i)] for i in range(2)]
     BatchStore(store).create(batch, items)
-    taken = BatchStore(store).take_pending("unserved", 2)  # and the feeder dies here
+    taken, _ = BatchStore(store).take_pending("unserved", 2)  # and the feeder dies here
     assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 0
     assert sorted(audit.audit_messages(stale_s=0, slack_s=0)) == sorted(taken) == [row[0] for row in items]
     assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 2

@@ -45,6 +45,6 @@ class Feeder:
         room = self.feed_depth - int(self.redis.llen(redis_keys.model_batch_queue(self.model_name)))
         if room <= 0:
             return 0
-        job_ids = self.batches.take_pending(self.model_name, room)
-        enqueue_many(self.celery, self.redis, job_ids, self.model_name, batch_item=True)
+        job_ids, sent_at = self.batches.take_pending(self.model_name, room)
+        enqueue_many(self.celery, self.redis, job_ids, self.model_name, batch_item=True, sent_at=sent_at)
         return len(job_ids)
