@@ -8,6 +8,7 @@ from celery import Celery
 from shared import redis_keys
 from shared.lua import with_now
 from shared.config import Settings
+from shared.jobs import Job
 
 ANSWER_TASK = "ragq.answer"
 
@@ -94,3 +95,8 @@ def enqueue_many(
     queue = redis_keys.model_batch_queue(model_name) if batch_item else redis_keys.model_queue(model_name)
     for job_id in job_ids:
         app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at})
+
+
+def send_again(app: Celery, client: redis.Redis, job: Job) -> None:
+    """Send a new message for `job` to its model's interactive or batch queue, as its first one went."""
+    enqueue(app, client, job.id, job.model, batch_item=job.batch_id is not None)

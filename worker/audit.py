@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import logging
 
-import redis
 from celery import Celery
 
 from shared import redis_keys
-from shared.broker import SENT_HEADER, enqueue
+from shared.broker import SENT_HEADER, send_again
 from shared.errors import NotFound
-from shared.jobs import Job
 from shared.lua import with_now
 from shared.store import JobStore
 
@@ -107,11 +105,6 @@ for i = 1, #candidates, 2 do
 end
 return lost
 """)
-
-
-def send_again(celery: Celery, client: redis.Redis, job: Job) -> None:
-    """Send a new message for `job` to its model's interactive or batch queue, as its first one went."""
-    enqueue(celery, client, job.id, job.model, batch_item=job.batch_id is not None)
 
 
 class MessageAudit:

@@ -23,10 +23,10 @@ import redis
 from celery import Celery
 
 from shared import redis_keys
+from shared.broker import send_again
 from shared.errors import NotFound
 from shared.jobs import JobStatus
 from shared.store import JobStore
-from worker.audit import send_again
 
 log = logging.getLogger(__name__)
 
