@@ -106,3 +106,14 @@ def phi3_worker(settings: Settings, redis_server: EmbeddedRedis) -> Iterator[Wor
     worker = start_worker(settings, "tiny-phi3", connect(redis_server.url))
     yield worker
     worker.stop()
+
+
+# The session's worker processes: a test using one is end to end, so `slow`.
+WORKER_FIXTURES = frozenset({"t5_worker", "phi3_worker"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a worker process `slow` (the others that start processes say so themselves)."""
+    for item in items:
+        if WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

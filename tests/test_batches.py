@@ -1,15 +1,11 @@
-"""The batch API against real Redis and a real worker: lifecycle, counts, results, priority, fairness, callbacks."""
+"""The batch API against real Redis and a real worker: lifecycle, counts, results, priority, fairness."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import hmac
 import json
-import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,9 +17,7 @@ from shared.batch_store import BatchStore
 from shared.batches import Batch
 from shared.config import Settings
 from shared.store import JobStore
-from cli.redis_server import free_port
 from tests.helpers import WorkerProcess, data_keys
-from worker.callbacks import CallbackSender
 from worker.runtime import FEED_MICROBATCHES, microbatch_settings
 
 QUESTIONS = ["How do I add more workers?", "What does ragq serve start?", "How are errors reported?", "How do I cancel a job?"]
@@ -290,67 +284,6 @@ def test_small_batch_is_not_starved_by_a_big_one(
     assert finished_between(store, client, big["id"], created_at, done_at) <= ahead
 
 
-class Receiver:
-    """A callback receiver on loopback: fails its first `failures` requests with 500."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((dict(self.headers), body))
-                self.send_response(500 if len(receiver.requests) <= receiver.failures else 204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = HTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver(failures=1)
-    yield r
-    r.server.shutdown()
-
-
-def test_callback_is_signed_retried_and_verifiable(
-    client: FlaskClient, t5_worker: WorkerProcess, receiver: Receiver, settings: Settings
-) -> None:
-    batch = submit(client, jsonl(items(2, params=FAST)), query=f"?callback_url={receiver.url}").get_json()
-    wait_for_batch(client, batch["id"], ended)
-    deadline = time.monotonic() + 20
-    while len(receiver.requests) < 2:
-        assert time.monotonic() < deadline, receiver.requests
-        time.sleep(0.1)
-    time.sleep(0.5)
-    assert len(receiver.requests) == 2  # one failure, one success, then no more
-    headers, body = receiver.requests[-1]
-    assert settings.callback_secret is not None
-    expected = "sha256=" + hmac.new(settings.callback_secret.encode(), body, hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(headers["X-Ragq-Signature"], expected)
-    final = json.loads(body)
-    assert final["id"] == batch["id"] and final["status"] == "completed"
-    assert final["request_counts"]["succeeded"] == 2
-
-
-def test_callback_needs_a_configured_secret(settings: Settings, redis_client: redis.Redis) -> None:
-    no_secret = create_app(dataclasses.replace(settings, callback_secret=None)).test_client()
-    response = submit(no_secret, jsonl(items(1)), query="?callback_url=http://127.0.0.1:9/x")
-    assert response.status_code == 422
-    assert "RAGQ_CALLBACK_SECRET" in response.get_json()["error"]["message"]
-
-
 def test_listing_is_newest_first_and_paginated(client: FlaskClient) -> None:
     ids = [submit(client, jsonl(items(1)), query="?model=unserved").get_json()["id"] for _ in range(3)]
     page = client.get("/v1/batches?limit=2").get_json()
@@ -361,7 +294,6 @@ def test_listing_is_newest_first_and_paginated(client: FlaskClient) -> None:
 
 
 def test_stored_batch_items_read_back_as_the_jobs_they_describe(store: JobStore, redis_client: redis.Redis) -> None:
-    from shared.batch_store import BatchStore
     from shared.jobs import Job, JobStatus
 
     batch = Batch.new("tiny-t5", 2, "1h", None, None)
@@ -373,21 +305,3 @@ def test_stored_batch_items_read_back_as_the_jobs_they_describe(store: JobStore,
                         top_k=7, params={"temperature": 0.7, "do_sample": True}, created_at=first.created_at, batch_id=batch.id, custom_id="x/1")
     assert abs(first.created_at - batch.created_at) < 1e-3
     assert second.course is None and second.top_k == 5 and second.params == {} and second.custom_id == "2"
-
-
-def test_callbacks_to_non_public_addresses_are_refused_by_default(
-    settings: Settings, redis_client: redis.Redis, store: JobStore, receiver: Receiver
-) -> None:
-    guarded = dataclasses.replace(settings, callback_allow_private=False)
-    client = create_app(guarded).test_client()
-    for url in (receiver.url, "http://10.0.0.7/hook", "http://169.254.169.254/latest", "http://[::1]:9/x"):
-        response = submit(client, jsonl(items(1)), query=f"?model=unserved&callback_url={url}")
-        assert response.status_code == 422, url
-        assert "non-public" in response.get_json()["error"]["message"]
-    assert data_keys(redis_client) == set()
-    # Checked again when sending: a batch whose URL became private (say, by DNS) gets no request.
-    batch = Batch.new("unserved", 1, "24h", None, receiver.url)
-    BatchStore(store).create(batch, [["00000000-0000-4000-8000-0000000000aa", "q", None, 5, {}, "1"]])
-    sender = CallbackSender(BatchStore(store), guarded.callback_secret, guarded.callback_allow_private)
-    assert sender.deliver(batch.id) is False
-    assert receiver.requests == []

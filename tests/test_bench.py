@@ -8,6 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# Short runs of the benchmarks: a stack of processes each.
+pytestmark = pytest.mark.slow
+
 
 def run_bench(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m bench.NAME ARGS` in a clean ragq environment, offline."""

@@ -9,6 +9,9 @@ import pytest
 
 from bench import chaos
 
+# Kills workers and restarts Redis under load: tens of seconds.
+pytestmark = pytest.mark.slow
+
 
 # Lost messages are found and sent again after about a minute: give the run room for that.
 @pytest.mark.timeout(900)

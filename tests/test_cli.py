@@ -19,6 +19,9 @@ from cli.processes import child_env
 from cli.redis_server import free_port
 from tests.helpers import alive, descendants
 
+# Each test runs `ragq serve` or another `ragq` process: seconds each.
+pytestmark = pytest.mark.slow
+
 SERVE_START_TIMEOUT_S = 240
 
 

@@ -49,6 +49,7 @@ class SlowExpiry(Expiry):
         return super().step()
 
 
+@pytest.mark.slow
 def test_heartbeat_never_lapses_while_another_duty_is_slower_than_its_ttl(
     settings: Settings, store: JobStore, redis_client: redis.Redis
 ) -> None:

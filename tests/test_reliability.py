@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from flask.testing import FlaskClient
 from kombu import Connection, Exchange, Queue
@@ -80,6 +81,7 @@ def kill_group(worker: WorkerProcess) -> None:
     worker.process.wait()
 
 
+@pytest.mark.slow
 def test_jobs_of_a_worker_killed_mid_batch_are_completed_by_another(
     client: FlaskClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
@@ -251,6 +253,7 @@ def job_of(payload: str) -> str:
     return json.loads(payload)["headers"]["argsrepr"].strip("[]'")
 
 
+@pytest.mark.slow
 def test_sigterm_lets_the_running_batch_finish_and_leaves_the_rest_queued(
     client: FlaskClient, settings: Settings, redis_client: redis.Redis
 ) -> None:

@@ -7,10 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cli.processes import child_env
 from cli.redis_server import free_port
 from cli.serve import check_model_in_child
 from shared.models import ModelSpec
+
+# Starts the supervisor's children and a model check in a child process.
+pytestmark = pytest.mark.slow
 
 # Runs the supervisor's start-up (settings, the model check, embedded Redis, spawning every child), stops it again,
 # and reports what this process imported meanwhile.

@@ -14,6 +14,9 @@ from shared.config import Settings
 from cli.redis_server import EmbeddedRedis
 from tests.helpers import TlsProxy, self_signed_certificate, start_worker
 
+# Starts workers of its own.
+pytestmark = pytest.mark.slow
+
 
 def test_a_job_goes_through_over_tls(settings: Settings, redis_server: EmbeddedRedis, redis_client: redis.Redis, tmp_path: Path) -> None:
     certificate, key = self_signed_certificate(tmp_path)

@@ -41,10 +41,11 @@ def run(model: str | None, loglevel: str) -> int:
         return 2
     app = create_app(settings)
     node = "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.name)
+    # Celery's node name is the worker's one name: jobs record it, its heartbeat and job set carry it.
+    worker_name = f"ragq-{node}-{os.getpid()}@%h"
     # Gossip and mingle only cost messages here: workers never coordinate with each other.
-    hostname = f"ragq-{node}-{os.getpid()}@%h"
     app.worker_main(
-        ["worker", f"--loglevel={loglevel}", f"--hostname={hostname}", "--without-gossip", "--without-mingle"]
+        ["worker", f"--loglevel={loglevel}", f"--hostname={worker_name}", "--without-gossip", "--without-mingle"]
     )
     return 0
 

@@ -175,7 +175,7 @@ class ChatGenerator(Generator):
 
 
 def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
-    """The generated tokens up to and including the first stop token; what follows is batch padding.
+    """The generated tokens up to and including the first stop token; what follows is padding of the `generate` call.
 
     Padding cannot be told apart by id: a model may generate the pad token itself.
     """
