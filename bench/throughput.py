@@ -139,18 +139,18 @@ def run_seed_loop(questions: list[Question], retriever: Retriever, generator: Ge
 
 
 def run_batched(
-    questions: list[Question], retriever: Retriever, generator: Generator, batch_size: int, max_batch_tokens: int, device: str
+    questions: list[Question], retriever: Retriever, generator: Generator, microbatch_size: int, max_microbatch_tokens: int, device: str
 ) -> Run:
-    limits = CallLimits(CallSizeCap(batch_size), max_batch_tokens)
+    limits = CallLimits(CallSizeCap(microbatch_size), max_microbatch_tokens)
     started = time.perf_counter()
     tokens = 0
-    for i in range(0, len(questions), batch_size):
-        for result in answer_microbatch(questions[i : i + batch_size], retriever, generator, limits=limits):
+    for i in range(0, len(questions), microbatch_size):
+        for result in answer_microbatch(questions[i : i + microbatch_size], retriever, generator, limits=limits):
             if isinstance(result, Exception):
                 raise result
             tokens += result.completion_tokens
     sync(device)
-    return Run(f"(b) in-process, batches of {batch_size}", time.perf_counter() - started, len(questions), tokens, [])
+    return Run(f"(b) in-process, microbatches of {microbatch_size}", time.perf_counter() - started, len(questions), tokens, [])
 
 
 def start_system(work: Path, model: Path, data: Path, env_extra: dict[str, str]) -> Stack:
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--n", type=int, help="questions (default per shape)")
     parser.add_argument("--seed-n", type=int, help="questions for the one-at-a-time loop (default: n)")
-    parser.add_argument("--batch-size", type=int, help="B (default per shape)")
-    parser.add_argument("--max-batch-tokens", type=int, help="cap per generate call (default per shape)")
+    parser.add_argument("--microbatch-size", type=int, help="B (default per shape)")
+    parser.add_argument("--max-microbatch-tokens", type=int, help="cap per generate call (default per shape)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per question, fixed (default per shape)")
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--clients", type=int, default=256, help="concurrent long-polls in (c)")
@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.throughput needs the course data in {args.data}", file=sys.stderr)
         return 2
     n_default, b_default, t_default, tokens_default = DEFAULTS[args.shape]
-    args.max_batch_tokens = args.max_batch_tokens or tokens_default
+    args.max_microbatch_tokens = args.max_microbatch_tokens or tokens_default
     n = args.n or n_default
-    batch_size = args.batch_size or b_default
+    microbatch_size = args.microbatch_size or b_default
     new_tokens = args.new_tokens or t_default
     params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_beams": args.num_beams}
     questions = [Question(q.question, q.course, 5, params) for q in load_questions(n, args.data)]
@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(a) seed loop over {len(seed_questions)} ...", flush=True)
         runs["a"] = run_seed_loop(seed_questions, retriever, generator, args.device)
     if "b" not in skip:
-        print(f"(b) in-process batches of {batch_size} over {n} ...", flush=True)
-        runs["b"] = run_batched(questions, retriever, generator, batch_size, args.max_batch_tokens, args.device)
+        print(f"(b) in-process microbatches of {microbatch_size} over {n} ...", flush=True)
+        runs["b"] = run_batched(questions, retriever, generator, microbatch_size, args.max_microbatch_tokens, args.device)
     del generator
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -256,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             args.data,
             {
                 "RAGQ_DEVICE": args.device,
-                "RAGQ_MAX_BATCH_SIZE": str(batch_size),
-                "RAGQ_MAX_BATCH_TOKENS": str(args.max_batch_tokens),
+                "RAGQ_MAX_BATCH_SIZE": str(microbatch_size),
+                "RAGQ_MAX_BATCH_TOKENS": str(args.max_microbatch_tokens),
             },
         )
         try:
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
         "n": n,
         "seed_n": runs["a"].n if "a" in runs else None,
-        "batch_size": batch_size,
+        "microbatch_size": microbatch_size,
         "new_tokens": new_tokens,
         "num_beams": args.num_beams,
         "seed_loop_qps": runs["a"].qps if "a" in runs else None,

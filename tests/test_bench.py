@@ -28,7 +28,7 @@ def run_bench(name: str, *args: str) -> subprocess.CompletedProcess[str]:
 def test_throughput_benchmark_tiny_shape_writes_its_figures(shared_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     result = run_bench(
-        "throughput", "--shape", "tiny", "--n", "24", "--seed-n", "8", "--batch-size", "8",
+        "throughput", "--shape", "tiny", "--n", "24", "--seed-n", "8", "--microbatch-size", "8",
         "--new-tokens", "4", "--clients", "24", "--data", str(shared_data), "--json", str(out),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
