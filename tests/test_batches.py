@@ -247,7 +247,7 @@ def finished_between(store: JobStore, client: FlaskClient, batch_id: str, start:
 def test_interactive_job_waits_behind_at_most_the_running_microbatch(
     client: FlaskClient, store: JobStore, settings: Settings, t5_worker: WorkerProcess
 ) -> None:
-    work = {"max_new_tokens": 16, "min_new_tokens": 16, "num_beams": 1}
+    work = {"max_new_tokens": 96, "min_new_tokens": 96, "num_beams": 1}
     batch = submit(client, jsonl(items(400, params=work))).get_json()
     wait_for_batch(client, batch["id"], lambda b: b["request_counts"]["succeeded"] > 0)
     job = client.post("/v1/jobs", json={"question": "Is this urgent?", "params": work}).get_json()
@@ -264,7 +264,7 @@ def test_interactive_job_waits_behind_at_most_the_running_microbatch(
 def test_small_batch_is_not_starved_by_a_big_one(
     client: FlaskClient, store: JobStore, settings: Settings, t5_worker: WorkerProcess
 ) -> None:
-    work = {"max_new_tokens": 16, "min_new_tokens": 16, "num_beams": 1}
+    work = {"max_new_tokens": 96, "min_new_tokens": 96, "num_beams": 1}
     big = submit(client, jsonl(items(400, "big", params=work))).get_json()
     wait_for_batch(client, big["id"], lambda b: b["request_counts"]["succeeded"] > 0)
     small = submit(client, jsonl(items(5, "small", params=work))).get_json()

@@ -37,10 +37,11 @@ def create_app(settings: Settings) -> Celery:
         worker_concurrency=caps.thread_pool_size,
     )
 
+    batch_queue = redis_keys.model_batch_queue(settings.worker_spec.name)
+
     @app.task(name=ANSWER_TASK, bind=True)
     def answer(self: Any, job_id: str) -> str | None:
-        delivery = self.request.delivery_info or {}
-        interactive = delivery.get("routing_key") != redis_keys.model_batch_queue(settings.worker_spec.name)
+        interactive = (self.request.delivery_info or {}).get("routing_key") != batch_queue
         status = run_job(runtime.current(settings, self.request.hostname), job_id, interactive)
         return None if status is None else status.value
 
@@ -54,10 +55,17 @@ def create_app(settings: Settings) -> Celery:
             os._exit(2)
 
     def note_received(request: Any = None, **_: Any) -> None:
+        # In the consumer, the moment a message leaves Redis, before a pool thread runs its task.
+        if request is None or not request.args:
+            return
+        resident = runtime.current(settings, request.hostname)
+        job_id = request.args[0]
+        if (request.delivery_info or {}).get("routing_key") != batch_queue:
+            # From here until its task submits it, the next backlog microbatch waits for it (worker.handoff).
+            resident.handoff.interactive_received(job_id)
         # A message this worker reserved but has not claimed yet is lost with the worker until the
         # visibility timeout; recording it lets the reaper send it again at once if the worker dies.
-        if request is not None and request.args:
-            runtime.note_reserved(runtime.current(settings, request.hostname), request.args[0])
+        runtime.note_reserved(resident, job_id)
 
     signals.worker_init.connect(load_before_consuming, weak=False)
     signals.task_received.connect(note_received, weak=False)

@@ -8,8 +8,10 @@ tasks return only after it ends. At that moment backlog items the worker already
 microbatcher; started at once, they would make an interactive message that was waiting in Redis wait one
 more whole microbatch. So before a backlog microbatch the microbatcher asks `InteractiveHandoff` to wait
 until the previous microbatch's tasks have returned (their threads then fetch, interactive first), and then,
-while an interactive job is on its way (its task has its message but has not submitted it yet, or it is
-still queued in Redis), for that job, at most `max_hold_s`.
+while an interactive job is on its way, for that job, at most `max_hold_s`. On its way means: still queued in
+Redis, or its message received by this worker (Celery's `task_received`, in the consumer, the moment the
+message leaves Redis) and not yet submitted to the microbatcher. Counting from the task's start instead left
+a gap (the thread pool's dispatch, milliseconds on a busy machine) in which the job was in neither place.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ SETTLE_MAX_S = 1.0
 GRACE_S = 0.005
 # How often the queue in Redis is looked at while holding (local events wake the wait at once).
 POLL_S = 0.002
+# A received message whose task has not submitted its job after this long is not waited for any more (its
+# task never ran: refused, or the worker is stopping).
+RECEIVED_TTL_S = 5.0
 
 
 class InteractiveHandoff:
@@ -50,19 +55,24 @@ class InteractiveHandoff:
         self.grace_s = grace_s
         self.poll_s = poll_s
         self._changed = threading.Condition()
-        self._on_the_way = 0
+        # Interactive jobs on their way to the microbatcher, with when they were received.
+        self._on_the_way: dict[str, float] = {}
         self._returning: set[str] = set()
 
-    @contextmanager
-    def interactive_on_its_way(self) -> Iterator[None]:
-        """Wrap an interactive task from taking its message until it has submitted its job (or given up)."""
+    def interactive_received(self, job_id: str) -> None:
+        """This worker received the message of an interactive job: hold backlog microbatches for it."""
         with self._changed:
-            self._on_the_way += 1
+            self._on_the_way.setdefault(job_id, time.monotonic())
+
+    @contextmanager
+    def interactive_on_its_way(self, job_id: str) -> Iterator[None]:
+        """Wrap an interactive job's task until it has submitted the job to the microbatcher (or given up)."""
+        self.interactive_received(job_id)
         try:
             yield
         finally:
             with self._changed:
-                self._on_the_way -= 1
+                self._on_the_way.pop(job_id, None)
                 self._changed.notify_all()
 
     def microbatch_done(self, job_ids: Iterable[str]) -> None:
@@ -88,7 +98,7 @@ class InteractiveHandoff:
         hold_deadline = settled_at + self.max_hold_s
         while not interactive_ready() and now <= hold_deadline:
             with self._changed:
-                on_the_way = self._on_the_way > 0
+                on_the_way = any(now - received_at < RECEIVED_TTL_S for received_at in self._on_the_way.values())
             if not on_the_way and now - settled_at >= self.grace_s and not self._queued_in_redis():
                 return
             with self._changed:

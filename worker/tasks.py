@@ -30,7 +30,7 @@ def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -
     """Claim, answer and finish one job; returns the final status it wrote, or None when it skipped the job."""
     started_at = time.time()
     # The microbatcher holds the next backlog microbatch back while an interactive job is on its way to it.
-    on_its_way = resident.handoff.interactive_on_its_way() if interactive_message else nullcontext()
+    on_its_way = resident.handoff.interactive_on_its_way(job_id) if interactive_message else nullcontext()
     try:
         with on_its_way:
             claim = resident.store.transition(job_id, JobStatus.RUNNING, started_at=started_at, worker=resident.worker_name)
