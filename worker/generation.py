@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -90,7 +91,20 @@ class Generator:
 
     def count_tokens(self, prompt: str) -> int:
         """Tokens of `prompt` once rendered for the model."""
-        return len(self.tokenizer(self.render(prompt), add_special_tokens=self._add_special_tokens).input_ids)
+        return self.count_tokens_many([prompt])[0]
+
+    def count_tokens_many(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens of each prompt once rendered for the model, in one call (the Rust tokenizer works in parallel)."""
+        if not prompts:
+            return []
+        rendered = [self.render(prompt) for prompt in prompts]
+        return [len(ids) for ids in self.tokenizer(rendered, add_special_tokens=self._add_special_tokens).input_ids]
+
+    def count_text_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens of each text as a piece of a prompt: not rendered, no special tokens; in one call."""
+        if not texts:
+            return []
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False).input_ids]
 
     _add_special_tokens: ClassVar[bool] = True
 

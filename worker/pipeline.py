@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from worker.prompt import DEFAULT_TEMPLATE, Prompt, build_prompt
+from worker.prompt import DEFAULT_TEMPLATE, Prompt, PromptFitter
 from worker.generation import Generation, GenerationError, Generator
 from worker.retrieval import Retriever, source_view
 
@@ -99,19 +99,26 @@ class CallLimits:
     max_tokens: int
 
 
-def prepare(
-    question: Question, documents: list[dict[str, Any]], retrieval_ms: float, generator: Generator, template: str
-) -> Prepared:
-    """Build the prompt from retrieved documents; raises `GenerationError` if even the bare question is too long."""
-    params = generator.effective_params(question.params)
-    budget = generator.prompt_budget(params)
-    prompt = build_prompt(
-        question.question, documents, template=template, count_tokens=generator.count_tokens, max_tokens=budget
-    )
-    prompt_tokens = generator.count_tokens(prompt.text)
-    if prompt_tokens > budget:
-        raise GenerationError(f"prompt is {prompt_tokens} tokens; this model takes at most {budget}")
-    return Prepared(documents, prompt, params, prompt_tokens, retrieval_ms)
+def prompt_fitter(generator: Generator, template: str = DEFAULT_TEMPLATE) -> PromptFitter:
+    """A fitter counting tokens as `generator` does; keep one per worker, so source entries are counted once."""
+    return PromptFitter(generator.count_tokens_many, generator.count_text_tokens, template)
+
+
+def prepare_microbatch(
+    questions: Sequence[Question], retrieved: Sequence[list[dict[str, Any]]], retrieval_ms: float, generator: Generator, fitter: PromptFitter
+) -> list[Prepared | Exception]:
+    """Build every prompt from its retrieved documents; a question too long even without sources gets a
+    `GenerationError`, alone."""
+    params = [generator.effective_params(q.params) for q in questions]
+    budgets = [generator.prompt_budget(p) for p in params]
+    fitted = fitter.fit([q.question for q in questions], retrieved, budgets)
+    prepared: list[Prepared | Exception] = []
+    for documents, (prompt, prompt_tokens), question_params, budget in zip(retrieved, fitted, params, budgets, strict=True):
+        if prompt_tokens > budget:
+            prepared.append(GenerationError(f"prompt is {prompt_tokens} tokens; this model takes at most {budget}"))
+        else:
+            prepared.append(Prepared(list(documents), prompt, question_params, prompt_tokens, retrieval_ms))
+    return prepared
 
 
 def plan_calls(prepared: Sequence[Prepared], indices: Sequence[int], max_size: int, max_tokens: int) -> list[list[int]]:
@@ -166,9 +173,11 @@ def answer_microbatch(
     generator: Generator,
     template: str = DEFAULT_TEMPLATE,
     limits: CallLimits | None = None,
+    fitter: PromptFitter | None = None,
 ) -> list[Answer | Exception]:
     """Answer every question; each result is an `Answer` or the exception that failed that question alone."""
     limits = limits or CallLimits(CallSizeCap(max(1, len(questions))), max_tokens=1 << 40)
+    fitter = fitter or prompt_fitter(generator, template)
     results: list[Answer | Exception | None] = [None] * len(questions)
     prepared: list[Prepared] = [None] * len(questions)  # type: ignore[list-item]
     ready: list[int] = []
@@ -176,12 +185,16 @@ def answer_microbatch(
     retrieved = retriever.search_many([(q.question, q.course, q.top_k) for q in questions])
     # One pass for the microbatch; each question is charged its share.
     retrieval_ms = (time.perf_counter() - started) * 1000 / max(1, len(questions))
-    for i, question in enumerate(questions):
-        try:
-            prepared[i] = prepare(question, retrieved[i], retrieval_ms, generator, template)
+    try:
+        outcomes = prepare_microbatch(questions, retrieved, retrieval_ms, generator, fitter)
+    except Exception as exc:  # a failure of the whole pass (say, the tokenizer) fails its questions, not the worker
+        outcomes = [exc] * len(questions)
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, Exception):
+            results[i] = outcome
+        else:
+            prepared[i] = outcome
             ready.append(i)
-        except Exception as exc:
-            results[i] = exc
     for call in plan_calls(prepared, ready, limits.cap.value, limits.max_tokens):
         started = time.perf_counter()
         prompts = [prepared[i].prompt.text for i in call]

@@ -24,8 +24,8 @@ from worker.generation import Generator, load_generator, resolve_device
 from worker.handoff import InteractiveHandoff
 from worker.ledger import Ledger
 from worker.microbatcher import SKIPPED, Microbatcher, MicrobatchInfo, MicrobatchItem
-from worker.pipeline import CallLimits, CallSizeCap, answer_microbatch
-from worker.prompt import DEFAULT_TEMPLATE, check_template
+from worker.pipeline import CallLimits, CallSizeCap, answer_microbatch, prompt_fitter
+from worker.prompt import DEFAULT_TEMPLATE, PromptFitter, check_template
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
 
@@ -72,6 +72,11 @@ class Answerer:
     generator: Generator
     template: str
     limits: CallLimits
+    # One per worker: it remembers the token counts of the FAQ entries it has seen.
+    fitter: PromptFitter = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fitter", prompt_fitter(self.generator, self.template))
 
     def __call__(self, items: Sequence[MicrobatchItem]) -> list[Any]:
         """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
@@ -84,7 +89,8 @@ class Answerer:
             statuses = [JobStatus.RUNNING] * len(items)
         live = [i for i, status in enumerate(statuses) if status is JobStatus.RUNNING]
         results: list[Any] = [SKIPPED] * len(items)
-        answers = answer_microbatch([items[i].payload for i in live], self.retriever, self.generator, self.template, self.limits)
+        questions = [items[i].payload for i in live]
+        answers = answer_microbatch(questions, self.retriever, self.generator, self.template, self.limits, self.fitter)
         now = time.monotonic()
         for i, result in zip(live, answers, strict=True):
             info = MicrobatchInfo(len(live), (now - items[i].enqueued_at) * 1000)
