@@ -17,6 +17,7 @@ ALIASES: dict[str, str] = {
     "phi-3-mini-128k": "microsoft/Phi-3-mini-128k-instruct",
 }
 
+SIMULATED_PREFIX = "sim:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 
 
@@ -37,6 +38,9 @@ class ModelSpec:
             # A local directory is served under its last path component, not its whole path.
             if name.startswith(("/", ".", "~")):
                 name = name.rstrip("/").rsplit("/", 1)[-1]
+            # A simulated model (`sim:NAME`, see worker/simulated.py) is served as `sim-NAME`: queue names keep no colon.
+            elif name.startswith(SIMULATED_PREFIX):
+                name = "sim-" + name[len(SIMULATED_PREFIX) :]
         if not _NAME.match(name):
             raise ConfigError(f"model name {name!r} must be 1-128 letters, digits or ._/- characters")
         if not source:

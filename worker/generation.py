@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from shared.errors import ModelLoadError
+from worker.simulated import AnswerMaker, SimSpec, SimulatedDevice, build_sim_tokenizer, is_simulated, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,72 @@ class ChatGenerator(Generator):
         return output[:, input_length:]
 
 
+class SimulatedGenerator(Seq2SeqGenerator):
+    """The simulated accelerator (`worker/simulated.py`): an encoder-decoder's interface, a GPU's time, checkable answers.
+
+    It lives here, not in `worker.simulated`, so that `load_generator` can build it without an import cycle.
+    """
+
+    family = "simulated"
+
+    def __init__(self, spec: SimSpec, tokenizer: PreTrainedTokenizerBase, label: str, max_input_tokens: int | None = None) -> None:
+        # No model object: the spec stands for it.
+        self.spec = spec
+        self.simulated_device = SimulatedDevice(spec)
+        self.answers = AnswerMaker(spec, tokenizer)
+        self.tokenizer = tokenizer
+        self.label = label
+        self.max_input_tokens = max_input_tokens
+        self.tokenizer.padding_side = self.padding_side
+
+    @property
+    def device(self) -> torch.device:
+        # The simulation runs on the host.
+        return torch.device("cpu")
+
+    @property
+    def context_tokens(self) -> int:
+        """The spec's input limit, lowered to `max_input_tokens` when that is set."""
+        if self.max_input_tokens is None:
+            return self.spec.context_tokens
+        return min(self.spec.context_tokens, self.max_input_tokens)
+
+    @property
+    def device_busy_s(self) -> float:
+        """Seconds the simulated device has been busy since loading (warm-up included)."""
+        return self.simulated_device.busy_s
+
+    def generate(self, prompts: list[str], params: dict[str, Any]) -> list[Generation]:
+        """Answer `prompts` in one simulated call: tokenize, check budgets, spend the spec's time, decode."""
+        effective = self.effective_params(params)
+        rendered = [self.render(p) for p in prompts]
+        lengths = [len(ids) for ids in self.tokenizer(rendered, add_special_tokens=self._add_special_tokens).input_ids]
+        budget = self.prompt_budget(effective)
+        for length in lengths:
+            if length > budget:
+                raise GenerationError(f"prompt is {length} tokens; this model takes at most {budget}")
+        completions = [self.answers.tokens(text, effective) for text in rendered]
+        beams = int(effective.get("num_beams", 1))
+        self.simulated_device.run(len(prompts), max(lengths), max(len(c) for c in completions), beams)
+        return [
+            Generation(self.tokenizer.decode(c, skip_special_tokens=True).strip(), length, len(c), tuple(c))
+            for c, length in zip(completions, lengths, strict=True)
+        ]
+
+    def _stop_ids(self) -> set[int]:
+        return {self.answers.eos_id}
+
+
+def load_simulated(source: str, label: str | None = None, max_input_tokens: int | None = None) -> SimulatedGenerator:
+    """Load a simulated model (`sim:NAME` or a spec directory; see `worker/simulated.py`)."""
+    try:
+        spec = load_spec(source)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {source!r} could not be loaded: {exc}") from exc
+    log.info("loaded simulated model %s (%s)", source, spec)
+    return SimulatedGenerator(spec, build_sim_tokenizer(), label or source, max_input_tokens)
+
+
 def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:
     """The generated tokens up to and including the first stop token; what follows is padding of the `generate` call.
 
@@ -229,7 +296,9 @@ def load_generator(
     label: str | None = None,
     max_input_tokens: int | None = None,
 ) -> Generator:
-    """Load a model from a Hugging Face id or local directory with `from_pretrained`."""
+    """Load a model from a Hugging Face id or local directory with `from_pretrained`, or a simulated one."""
+    if is_simulated(source):
+        return load_simulated(source, label, max_input_tokens)
     try:
         config = AutoConfig.from_pretrained(source)
         family = FAMILIES[family_of(config)]

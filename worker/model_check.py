@@ -21,8 +21,14 @@ def check_model(spec: ModelSpec) -> str | None:
 
 
 def check_source(source: str) -> str | None:
-    """Why the model at `source` (a hub id or a directory) cannot be had, or None. Loads no weights."""
-    from transformers import AutoConfig  # imported here: a cheap module until the check runs
+    """Why the model at `source` (a hub id, a directory or a simulated model) cannot be had, or None. Loads no weights."""
+    # Imported here: a cheap module until the check runs.
+    from transformers import AutoConfig
+
+    from worker.simulated import is_simulated, spec_problem
+
+    if is_simulated(source):
+        return spec_problem(source)
 
     try:
         AutoConfig.from_pretrained(source)
