@@ -6,6 +6,7 @@ Children are stopped through `cli.processes`, the same code `ragq serve` and the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +24,57 @@ API_START_TIMEOUT_S = 60
 WORKER_START_TIMEOUT_S = 180
 # A worker announces itself just before it starts consuming: give it that moment before measuring.
 WORKER_SETTLE_S = 1.0
+
+def _ticks_per_s() -> int:
+    return int(os.sysconf("SC_CLK_TCK"))
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of `pid` and its live descendants so far, from /proc (0 for a finished one)."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # Fields after the command name, which may itself hold spaces and parentheses.
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, fields in stats.items() if int(fields[1]) == parent and p not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    # utime and stime are fields 14 and 15 of /proc/PID/stat, the 12th and 13th after the command name.
+    ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats)
+    return ticks / _ticks_per_s()
+
+
+def device_busy_s(stats_file: Path, start: float, end: float) -> float:
+    """Simulated device seconds inside the wall-clock window [start, end], from the device's call lines
+    (`stats_file` of `worker/simulated.py`)."""
+    busy = 0.0
+    for line in stats_file.read_text().splitlines() if stats_file.exists() else []:
+        call = json.loads(line)
+        overlap = min(end, call["end"]) - max(start, call["start"])
+        if overlap > 0:
+            # A call's device time is spread over its wall time: count the share inside the window.
+            busy += call["device_s"] * min(1.0, overlap / max(call["end"] - call["start"], 1e-9))
+    return busy
+
+
+def run_batch(url: str, lines: list[dict[str, Any]], poll_s: float = 0.1) -> list[dict[str, Any]]:
+    """Submit `lines` as one batch, wait until it ends, return its results in input order."""
+    body = "\n".join(json.dumps(line) for line in lines).encode()
+    response = requests.post(f"{url}/v1/batches", data=body, headers={"Content-Type": "application/x-ndjson"}, timeout=600)
+    response.raise_for_status()
+    batch_id = response.json()["id"]
+    while requests.get(f"{url}/v1/batches/{batch_id}", timeout=60).json()["status"] in ("in_progress", "cancelling"):
+        time.sleep(poll_s)
+    results = requests.get(f"{url}/v1/batches/{batch_id}/results", timeout=600)
+    results.raise_for_status()
+    return [json.loads(line) for line in results.content.splitlines()]
+
 
 def child_env(**settings: str) -> dict[str, str]:
     """This process's environment without ragq settings of its own, offline, plus `settings` for the children."""
@@ -111,6 +163,16 @@ class Stack:
             time.sleep(0.2)
         time.sleep(WORKER_SETTLE_S)
         return workers
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the API, of the workers and of Redis (each process with its descendants)."""
+        used = {"api": 0.0, "worker": 0.0, "redis": process_tree_cpu_s(self.redis.process.pid)}
+        for child in self.children:
+            # Children run `python -m PACKAGE ...`.
+            package = str(list(child.args)[2])  # type: ignore[arg-type]
+            if package in used:
+                used[package] += process_tree_cpu_s(child.pid)
+        return used
 
     def stop(self, children: list[subprocess.Popen[bytes]]) -> None:
         """Stop these children's process groups."""

@@ -9,7 +9,11 @@ generation settings (a fixed number of new tokens per question, so runs compare)
                        submitted over HTTP and collected with long-polls
 
 Models are random-weight models of a published shape, built here (no download): `tiny`, `t5-small` (CPU),
-`flan-t5-xl`, `phi-3-mini` (`--device cuda`, built on the GPU in bf16).
+`flan-t5-xl`, `phi-3-mini` (`--device cuda`, built on the GPU in bf16); or a simulated accelerator
+(`worker/simulated.py`): `sim-xl` (FLAN-T5-XL on an H200, in time) and `sim-instant` (no device time: the
+bookkeeping ceiling), whose spec directory the benchmark writes and the worker loads like any model. For those it
+also reports the device busy fraction (simulated device time / wall time while work is queued) of (b) and (c).
+Simulated shapes submit (c) as one batch (backlog items) unless `--submit jobs`.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Phi3Config, T5Config
 
-from bench.common import Stack
+from bench.common import Stack, device_busy_s, run_batch
 from worker.corpus import load_documents
-from worker.generation import Generator, load_generator
-from worker.pipeline import CallSizeCap, CallLimits, Question, answer, answer_microbatch
+from worker.generation import Generator, SimulatedGenerator, load_generator
+from worker.pipeline import CallLimits, CallSizeCap, Question, answer, answer_microbatch
 from worker.retrieval import Retriever
-from worker.tiny import PHI3_CHAT_TEMPLATE, build_tokenizer, build_tiny_model
+from worker.simulated import BUILTIN_SPECS, write_spec_dir
+from worker.tiny import PHI3_CHAT_TEMPLATE, build_tiny_model, build_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -49,18 +54,31 @@ PHI3_SHAPES: dict[str, dict[str, Any]] = {
         hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32
     ),
 }
-SHAPES = ("tiny", *T5_SHAPES, *PHI3_SHAPES)
+# Simulated accelerators: shape -> built-in spec.
+SIM_SHAPES = {"sim-xl": "flan-t5-xl-h200", "sim-instant": "instant"}
+SHAPES = ("tiny", *T5_SHAPES, *PHI3_SHAPES, *SIM_SHAPES)
 DEFAULTS = {  # shape: (n, batch size, new tokens, padded prompt tokens x beams per generate call)
     "tiny": (64, 16, 16, 1 << 22),
     "t5-small": (256, 16, 32, 1 << 22),
     # Bounded so the KV cache fits: Phi-3 mini keeps about 0.4 MB per token in bf16.
     "flan-t5-xl": (2048, 128, 64, 1 << 17),
     "phi-3-mini": (2048, 128, 64, 1 << 16),
+    # 16 generate calls of about 4.1 s: over a minute of simulated device time per run.
+    "sim-xl": (2048, 128, 64, 1 << 17),
+    "sim-instant": (2048, 128, 64, 1 << 17),
 }
+# One question at a time costs the simulated H200 about 1.7 s: (a) runs on a few unless --seed-n says otherwise.
+SIM_SEED_N = 8
+STATS_FILE = "device-calls.jsonl"
 
 
-def build_model(shape: str, path: Path, device: str) -> Path:
-    """Build a random-weight model of `shape` and save it where `from_pretrained` (and the worker) load it."""
+def build_model(shape: str, path: Path, device: str, cpu_share: float | None = None) -> Path:
+    """Build a random-weight model of `shape` (or write a simulated one's spec) where the worker loads it."""
+    if shape in SIM_SHAPES:
+        overrides: dict[str, Any] = {"stats_file": STATS_FILE}
+        if cpu_share is not None:
+            overrides["cpu_share"] = cpu_share
+        return write_spec_dir(path, SIM_SHAPES[shape], **overrides)
     if shape == "tiny":
         return build_tiny_model(path, "t5")
     torch.manual_seed(0)
@@ -110,6 +128,12 @@ class Run:
     n: int
     new_tokens: int
     latencies_ms: list[float]
+    # Simulated device time while the run lasted (simulated shapes only).
+    device_busy_s: float | None = None
+
+    @property
+    def device_busy_fraction(self) -> float | None:
+        return None if self.device_busy_s is None else self.device_busy_s / self.seconds
 
     @property
     def qps(self) -> float:
@@ -142,6 +166,7 @@ def run_batched(
     questions: list[Question], retriever: Retriever, generator: Generator, microbatch_size: int, max_microbatch_tokens: int, device: str
 ) -> Run:
     limits = CallLimits(CallSizeCap(microbatch_size), max_microbatch_tokens)
+    busy_before = generator.device_busy_s if isinstance(generator, SimulatedGenerator) else None
     started = time.perf_counter()
     tokens = 0
     for i in range(0, len(questions), microbatch_size):
@@ -150,7 +175,10 @@ def run_batched(
                 raise result
             tokens += result.completion_tokens
     sync(device)
-    return Run(f"(b) in-process, microbatches of {microbatch_size}", time.perf_counter() - started, len(questions), tokens, [])
+    run = Run(f"(b) in-process, microbatches of {microbatch_size}", time.perf_counter() - started, len(questions), tokens, [])
+    if isinstance(generator, SimulatedGenerator) and busy_before is not None:
+        run.device_busy_s = generator.device_busy_s - busy_before
+    return run
 
 
 def start_system(work: Path, model: Path, data: Path, env_extra: dict[str, str]) -> Stack:
@@ -170,6 +198,19 @@ def start_system(work: Path, model: Path, data: Path, env_extra: dict[str, str])
         stack.close()
         raise
     return stack
+
+
+def run_system_batch(system: Stack, questions: list[Question], params: dict[str, Any]) -> Run:
+    """(c) with the questions submitted as one batch (backlog items), polled until it ends."""
+    lines = [{"custom_id": str(i), "question": q.question, "course": q.course, "params": params} for i, q in enumerate(questions)]
+    started = time.perf_counter()
+    results = run_batch(system.url, lines)
+    seconds = time.perf_counter() - started
+    failed = [r for r in results if r["status"] != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(results)} batch items did not succeed, e.g. {failed[0]}")
+    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    return Run("(c) system: one batch -> Redis -> worker", seconds, len(results), tokens, [])
 
 
 def run_system(system: Stack, questions: list[Question], params: dict[str, Any], clients: int) -> Run:
@@ -216,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--clients", type=int, default=256, help="concurrent long-polls in (c)")
     parser.add_argument("--skip", default="", help="comma-separated runs to skip: a, b, c")
+    parser.add_argument("--cpu-share", type=float, help="simulated shapes: share of each step holding the GIL (0-1)")
+    parser.add_argument("--submit", choices=("jobs", "batch"), help="(c) as jobs over HTTP or one batch (default: batch for sim)")
     parser.add_argument("--data", type=Path, default=DATA, help=f"course data folder (default {DATA})")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
@@ -230,16 +273,21 @@ def main(argv: list[str] | None = None) -> int:
     params = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "num_beams": args.num_beams}
     questions = [Question(q.question, q.course, 5, params) for q in load_questions(n, args.data)]
     skip = set(filter(None, args.skip.split(",")))
+    simulated = args.shape in SIM_SHAPES
+    submit = args.submit or ("batch" if simulated else "jobs")
+    cpu_share = None
+    if simulated:
+        cpu_share = args.cpu_share if args.cpu_share is not None else BUILTIN_SPECS[SIM_SHAPES[args.shape]]["cpu_share"]
 
     work = Path(tempfile.mkdtemp(prefix="ragq-bench-"))
     print(f"building {args.shape} on {args.device} ...", flush=True)
-    model_dir = build_model(args.shape, work / args.shape, args.device)
+    model_dir = build_model(args.shape, work / args.shape, args.device, cpu_share)
     retriever = Retriever(load_documents(str(args.data / "documents.json"), work))
     runs: dict[str, Run] = {}
     generator = load_generator(str(model_dir), device=args.device)
     generator.warm_up()
     if "a" not in skip:
-        seed_questions = questions[: args.seed_n or n]
+        seed_questions = questions[: args.seed_n or (SIM_SEED_N if simulated else n)]
         print(f"(a) seed loop over {len(seed_questions)} ...", flush=True)
         runs["a"] = run_seed_loop(seed_questions, retriever, generator, args.device)
     if "b" not in skip:
@@ -260,13 +308,24 @@ def main(argv: list[str] | None = None) -> int:
                 "RAGQ_MAX_BATCH_TOKENS": str(args.max_microbatch_tokens),
             },
         )
+        cpu_ms_per_job: dict[str, float] = {}
         try:
-            runs["c"] = run_system(system, questions, params, args.clients)
+            cpu_before, window_start = system.cpu_s(), time.time()
+            if submit == "batch":
+                runs["c"] = run_system_batch(system, questions, params)
+            else:
+                runs["c"] = run_system(system, questions, params, args.clients)
+            window_end, cpu_after = time.time(), system.cpu_s()
         finally:
             system.close()
+        cpu_ms_per_job = {name: round((cpu_after[name] - cpu_before[name]) * 1000 / n, 2) for name in cpu_before}
+        if simulated:
+            runs["c"].device_busy_s = device_busy_s(model_dir / STATS_FILE, window_start, window_end)
 
     print()
     print(f"shape {args.shape}, device {args.device}, n {n}, {new_tokens} new tokens per question, beams {args.num_beams}")
+    if simulated:
+        print(f"simulated accelerator, cpu_share {cpu_share}, (c) submitted as {submit}")
     print(f"{'run':<38} {'n':>6} {'q/s':>9} {'tok/s':>10} {'p50 ms':>9} {'p95 ms':>9}")
     for run in runs.values():
         p50, p95 = run.percentile(0.5), run.percentile(0.95)
@@ -279,8 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         ratios["b_over_a"] = runs["b"].qps / runs["a"].qps
     if "b" in runs and "c" in runs:
         ratios["c_over_b"] = runs["c"].qps / runs["b"].qps
+    busy = {key: run.device_busy_fraction for key, run in runs.items() if run.device_busy_fraction is not None}
+    # A model without device time (sim-instant) has no busy fraction to compare.
+    if busy.get("b") and "c" in busy:
+        ratios["busy_c_over_b"] = busy["c"] / busy["b"]
     for name, value in ratios.items():
-        print(f"{name.replace('_over_', '/')}: {value:.3f}")
+        print(f"{name.replace('_over_', '/').replace('_', ' ')}: {value:.3f}")
+    for key, fraction in busy.items():
+        print(f"device busy fraction ({key}): {fraction:.3f}")
+    if "c" in runs:
+        print("CPU ms per job in (c): " + ", ".join(f"{name} {ms}" for name, ms in cpu_ms_per_job.items()))
     figures = {
         "shape": args.shape,
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
@@ -297,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         "seed_loop_tokens_per_s": runs["a"].tokens_per_s if "a" in runs else None,
         "inprocess_batched_tokens_per_s": runs["b"].tokens_per_s if "b" in runs else None,
         "system_tokens_per_s": runs["c"].tokens_per_s if "c" in runs else None,
+        "submit": submit,
+        "cpu_share": cpu_share,
+        "device_busy_fraction": busy.get("c"),
+        "inprocess_device_busy_fraction": busy.get("b"),
+        "system_cpu_ms_per_job": cpu_ms_per_job if "c" in runs else None,
         **ratios,
     }
     if args.json:

@@ -50,3 +50,20 @@ def test_load_benchmark_gets_no_errors_and_exactly_the_quota_429s(tmp_path: Path
     assert figures["long_poll_answer_after_finish_p50_ms"] >= 0
     assert (figures["quota_accepted"], figures["quota_429"]) == (5, 20)
     assert (figures["rate_accepted"], figures["rate_429"]) == (40, 20)
+
+
+def test_throughput_benchmark_sim_shape_reports_the_device_busy_fraction(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    result = run_bench(
+        "throughput", "--shape", "sim-xl", "--n", "32", "--seed-n", "2", "--microbatch-size", "16",
+        "--new-tokens", "4", "--cpu-share", "0", "--data", str(shared_data), "--json", str(out),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["shape"] == "sim-xl" and figures["cpu_share"] == 0.0 and figures["submit"] == "batch"
+    for key in ("device_busy_fraction", "inprocess_device_busy_fraction"):
+        assert 0 < figures[key] <= 1.0, key
+    assert figures["busy_c_over_b"] > 0 and figures["c_over_b"] > 0
+    assert set(figures["system_cpu_ms_per_job"]) == {"api", "worker", "redis"}
+    assert figures["system_cpu_ms_per_job"]["worker"] > 0
+    assert "device busy fraction (c)" in result.stdout
