@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from worker.handoff import InteractiveHandoff
-from worker.microbatcher import BACKLOG, INTERACTIVE, Microbatcher, MicrobatchItem
+from worker.microbatcher import BACKLOG, INTERACTIVE, Microbatcher, MicrobatchItem, OneStage
 
 MAX_SIZE = 4
 RUN_S = 0.05
@@ -40,7 +40,7 @@ class Worker:
         self.injected: dict[int, str] = {}
         self.inject_at = inject_at
         self.handoff = InteractiveHandoff(lambda: bool(self.interactive), **hold)
-        self.microbatcher = Microbatcher(self.run, MAX_SIZE, wait_ms=0, handoff=self.handoff)
+        self.microbatcher = Microbatcher(OneStage(self.run), MAX_SIZE, wait_ms=0, handoff=self.handoff)
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self.task_thread, daemon=True) for _ in range(2 * MAX_SIZE)]
 

@@ -18,7 +18,7 @@ from worker.prompt import DEFAULT_TEMPLATE, Prompt
 from cli.redis_server import free_port
 from shared.store import JobStore, connect
 from worker.handoff import InteractiveHandoff
-from worker.microbatcher import BACKLOG, SKIPPED, Microbatcher, MicrobatchItem
+from worker.microbatcher import BACKLOG, SKIPPED, Microbatcher, MicrobatchItem, OneStage
 from worker.corpus import load_documents
 from worker.generation import Generation, Generator, load_generator
 from worker.pipeline import CallSizeCap, CallLimits, Prepared, Question, answer_microbatch, plan_calls
@@ -150,7 +150,7 @@ def test_microbatcher_takes_what_waits_within_the_window() -> None:
         seen.append(len(items))
         return [item.payload * 2 for item in items]
 
-    microbatcher = Microbatcher(run, max_size=4, wait_ms=200)
+    microbatcher = Microbatcher(OneStage(run), max_size=4, wait_ms=200)
     futures = [microbatcher.submit(f"j{i}", i) for i in range(6)]
     assert [f.result(timeout=5) for f in futures] == [0, 2, 4, 6, 8, 10]
     assert seen == [4, 2]
@@ -158,7 +158,7 @@ def test_microbatcher_takes_what_waits_within_the_window() -> None:
 
 
 def test_microbatcher_does_not_wait_past_the_window() -> None:
-    microbatcher = Microbatcher(lambda items: [None] * len(items), max_size=64, wait_ms=50)
+    microbatcher = Microbatcher(OneStage(lambda items: [None] * len(items)), max_size=64, wait_ms=50)
     started = time.monotonic()
     microbatcher.submit("j", 1).result(timeout=5)
     assert time.monotonic() - started < 1
@@ -171,7 +171,7 @@ def test_microbatcher_goes_on_when_redis_cannot_say_whether_interactive_jobs_wai
     def redis_down() -> bool:
         raise redis.ConnectionError("Connection refused")
 
-    microbatcher = Microbatcher(lambda items: [item.payload * 2 for item in items], max_size=4, wait_ms=0, handoff=InteractiveHandoff(redis_down))
+    microbatcher = Microbatcher(OneStage(lambda items: [item.payload * 2 for item in items]), max_size=4, wait_ms=0, handoff=InteractiveHandoff(redis_down))
     assert microbatcher.submit("a", 1, BACKLOG).result(timeout=5) == 2
     assert microbatcher.submit("b", 2, BACKLOG).result(timeout=5) == 4
     microbatcher.stop()
@@ -183,7 +183,7 @@ def test_microbatcher_survives_a_batch_that_raises() -> None:
             raise ValueError("boom")
         return ["ok"] * len(items)
 
-    microbatcher = Microbatcher(run, max_size=1, wait_ms=0)
+    microbatcher = Microbatcher(OneStage(run), max_size=1, wait_ms=0)
     with pytest.raises(ValueError):
         microbatcher.submit("a", "boom").result(timeout=5)
     assert microbatcher.submit("b", "fine").result(timeout=5) == "ok"
@@ -220,3 +220,61 @@ def test_a_microbatch_is_answered_while_redis_is_away(settings: Settings, retrie
     outcomes = answerer(items)
     assert [info.size for _, info in outcomes] == [2, 2]
     assert all(answer.completion_tokens > 0 for answer, _ in outcomes)
+
+
+class Timeline:
+    """Stages that record when each microbatch was prepared and run; running takes `run_s`."""
+
+    def __init__(self, run_s: float) -> None:
+        self.run_s = run_s
+        self.events: list[tuple[str, int, float]] = []
+        self.lock = threading.Lock()
+
+    def note(self, what: str, items: Sequence[MicrobatchItem]) -> None:
+        with self.lock:
+            self.events.append((what, int(items[0].payload), time.monotonic()))
+
+    def prepare(self, items: Sequence[MicrobatchItem]) -> None:
+        self.note("prepare", items)
+        time.sleep(self.run_s / 4)
+        self.note("prepared", items)
+
+    def run(self, items: Sequence[MicrobatchItem], prepared: Any) -> list[Any]:
+        self.note("run", items)
+        time.sleep(self.run_s)
+        self.note("ran", items)
+        return [None] * len(items)
+
+
+def test_the_next_microbatch_is_prepared_while_the_current_one_runs_and_no_further() -> None:
+    timeline = Timeline(run_s=0.1)
+    microbatcher = Microbatcher(timeline, max_size=2, wait_ms=0)
+    futures = [microbatcher.submit(f"j{i}", i // 2, BACKLOG) for i in range(8)]  # microbatches 0..3
+    for future in futures:
+        future.result(timeout=10)
+    microbatcher.stop()
+    at = {(what, number): t for what, number, t in timeline.events}
+    for number in range(1, 4):
+        # Ready before the model finished the one before it, so the model never waited for Python...
+        assert at[("prepared", number)] < at[("ran", number - 1)]
+        # ...and run right after it.
+        assert at[("run", number)] - at[("ran", number - 1)] < 0.05
+    for number in range(2, 4):
+        # Only one backlog microbatch is prepared ahead: this one waited until the one two before it ran.
+        assert at[("prepare", number)] >= at[("run", number - 1)]
+
+
+def test_a_backlog_microbatch_goes_at_once_when_no_interactive_job_is_on_its_way() -> None:
+    handoff = InteractiveHandoff(lambda: False, settle_max_s=1.0, max_hold_s=0.1)
+    # The previous microbatch's tasks have not returned yet: with nothing interactive waiting, that is no
+    # reason to keep the model idle.
+    handoff.microbatch_done(["a", "b"])
+    started = time.monotonic()
+    handoff.wait_before_backlog(lambda: False)
+    assert time.monotonic() - started < 0.05
+    # With an interactive job queued in Redis it waits for those tasks (here: until the settle bound).
+    waiting = InteractiveHandoff(lambda: True, settle_max_s=0.2, max_hold_s=0.05)
+    waiting.microbatch_done(["a"])
+    started = time.monotonic()
+    waiting.wait_before_backlog(lambda: False)
+    assert time.monotonic() - started >= 0.2

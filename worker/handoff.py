@@ -86,8 +86,18 @@ class InteractiveHandoff:
             self._returning.discard(job_id)
             self._changed.notify_all()
 
-    def wait_before_backlog(self, interactive_ready: Callable[[], bool]) -> None:
-        """Block until an interactive job is ready in the microbatcher, or none is on its way, or the hold ends."""
+    def wait_before_backlog(
+        self, interactive_ready: Callable[[], bool], interactive_submitted: Callable[[], bool] = lambda: False
+    ) -> None:
+        """Block until an interactive job is ready in the microbatcher, or none is on its way, or the hold ends.
+
+        `interactive_submitted` says whether interactive jobs were submitted to the microbatcher and are not
+        ready yet (being collected or prepared): they are on their way too. With nothing on its way the
+        backlog microbatch goes at once, without waiting for the previous microbatch's tasks: the model does
+        not idle for the hand-off unless interactive work is waiting for it.
+        """
+        if interactive_ready() or not (self._received_or(interactive_submitted) or self._queued_in_redis()):
+            return
         now = time.monotonic()
         settle_deadline = now + self.settle_max_s
         with self._changed:
@@ -97,13 +107,18 @@ class InteractiveHandoff:
         settled_at = now
         hold_deadline = settled_at + self.max_hold_s
         while not interactive_ready() and now <= hold_deadline:
-            with self._changed:
-                on_the_way = any(now - received_at < RECEIVED_TTL_S for received_at in self._on_the_way.values())
+            on_the_way = self._received_or(interactive_submitted)
             if not on_the_way and now - settled_at >= self.grace_s and not self._queued_in_redis():
                 return
             with self._changed:
                 self._changed.wait(self.poll_s)
             now = time.monotonic()
+
+    def _received_or(self, interactive_submitted: Callable[[], bool]) -> bool:
+        now = time.monotonic()
+        with self._changed:
+            received = any(now - at < RECEIVED_TTL_S for at in self._on_the_way.values())
+        return received or interactive_submitted()
 
     def _queued_in_redis(self) -> bool:
         # During a Redis outage the answer is "no", never an exception: an exception here would end the

@@ -1,9 +1,17 @@
-"""Microbatching inside a worker process: the jobs that share one pass of the pipeline.
+"""Microbatching inside a worker process: the jobs that share one pass of the pipeline, in two stages.
 
 Each Celery task (one per job, on a thread of the worker's thread pool) hands its question to the
-`Microbatcher` and waits for the answer. The microbatcher's single thread takes the first waiting item, then
-whatever else arrives within `microbatch_wait_ms` (up to `max_microbatch_size`), and runs them as one
-microbatch. Jobs keep their own task, so acknowledgement, status and result stay per job.
+`Microbatcher` and waits for the answer. The microbatcher runs a pipeline of two threads, so that the model
+never waits for Python between microbatches:
+
+- the *preparer* takes the first waiting item, then whatever else arrives within `microbatch_wait_ms` (up to
+  `max_microbatch_size`), and gets the microbatch ready without the model (`Stages.prepare`: statuses,
+  retrieval, prompts), while the previous microbatch is still on the model;
+- the *runner* runs ready microbatches on the model (`Stages.run`), interactive ones first, one after the
+  other, and hands each job its result.
+
+At most one backlog microbatch is prepared ahead; interactive ones never wait for that. Jobs keep their own
+task, so acknowledgement, status and result stay per job.
 
 "Batch" is the API's word (`/v1/batches`, a user's backlog file); a microbatch may mix items of several
 batches, and never mixes interactive jobs with backlog items (see `worker.handoff`).
@@ -19,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from worker.handoff import InteractiveHandoff
 
@@ -36,6 +44,8 @@ SKIPPED = Skipped()
 INTERACTIVE = 0
 BACKLOG = 1
 _STOP = 1 << 30
+# Backlog microbatches prepared ahead of the one on the model: enough to keep the model busy.
+BACKLOG_AHEAD = 1
 
 
 @dataclass
@@ -57,20 +67,55 @@ class MicrobatchInfo:
     wait_ms: float
 
 
-RunMicrobatch = Callable[[Sequence[MicrobatchItem]], Sequence[Any]]
+class Stages(Protocol):
+    """The two halves of answering a microbatch."""
+
+    def prepare(self, items: Sequence[MicrobatchItem]) -> Any:
+        """Everything before the model (runs while the previous microbatch is on it)."""
+        ...
+
+    def run(self, items: Sequence[MicrobatchItem], prepared: Any) -> Sequence[Any]:
+        """The model's part: one result per item (a value, an exception, or `SKIPPED`)."""
+        ...
+
+
+class OneStage:
+    """Stages for a function that does everything on the runner (tests, simple uses)."""
+
+    def __init__(self, run: Callable[[Sequence[MicrobatchItem]], Sequence[Any]]) -> None:
+        self._run = run
+
+    def prepare(self, items: Sequence[MicrobatchItem]) -> None:
+        return None
+
+    def run(self, items: Sequence[MicrobatchItem], prepared: Any) -> Sequence[Any]:
+        return self._run(items)
+
+
+@dataclass
+class _Ready:
+    """A prepared microbatch waiting for the runner."""
+
+    items: list[MicrobatchItem]
+    prepared: Any
+    failure: BaseException | None = None
+
+    @property
+    def priority(self) -> int:
+        return self.items[0].priority
 
 
 class Microbatcher:
-    """Collects items from many threads and runs them in microbatches on one thread."""
+    """Collects items from many threads into microbatches, prepares the next while the current one runs."""
 
     def __init__(
         self,
-        run: RunMicrobatch,
+        stages: Stages,
         max_size: int,
         wait_ms: float,
         handoff: InteractiveHandoff | None = None,
     ) -> None:
-        self.run = run
+        self.stages = stages
         self.max_size = max_size
         self.wait_s = wait_ms / 1000
         self.handoff = handoff or InteractiveHandoff()
@@ -78,8 +123,17 @@ class Microbatcher:
         # when backlog items the worker already holds are waiting.
         self._queue: queue.PriorityQueue[tuple[int, int, MicrobatchItem | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name="ragq-microbatcher", daemon=True)
-        self._thread.start()
+        # Prepared microbatches, and everything the two threads wait on: a microbatch ready or launched, an
+        # interactive item submitted, stopping.
+        self._changed = threading.Condition()
+        self._ready: list[_Ready] = []
+        # Interactive items submitted and not yet in a ready microbatch: the hand-off waits for them too.
+        self._interactive_pending = 0
+        self._stopping = False
+        self._preparer = threading.Thread(target=self._prepare_loop, name="ragq-preparer", daemon=True)
+        self._runner = threading.Thread(target=self._run_loop, name="ragq-runner", daemon=True)
+        self._preparer.start()
+        self._runner.start()
 
     def submit(self, job_id: str, payload: Any, priority: int = INTERACTIVE) -> Future[Any]:
         """Queue `payload`; the future resolves to its result, an exception, or `SKIPPED`.
@@ -87,21 +141,55 @@ class Microbatcher:
         A caller that stops waiting should cancel the future: if its microbatch has not started, it is left out.
         """
         item = MicrobatchItem(job_id, payload, priority)
+        if priority == INTERACTIVE:
+            with self._changed:
+                self._interactive_pending += 1
         self._queue.put((priority, next(self._seq), item))
+        if priority == INTERACTIVE:
+            with self._changed:
+                self._changed.notify_all()
         return item.future
 
     def stop(self) -> None:
         """Stop after the microbatches already queued ahead of the stop."""
         self._queue.put((_STOP, next(self._seq), None))
-        self._thread.join(timeout=5)
+        self._preparer.join(timeout=5)
+        self._runner.join(timeout=5)
+
+    # -- the preparer ------------------------------------------------------------------------------------
+
+    def _prepare_loop(self) -> None:
+        while True:
+            self._wait_for_room()
+            collected = self._collect()
+            if collected is None:
+                with self._changed:
+                    self._stopping = True
+                    self._changed.notify_all()
+                return
+            # From here on a future cannot be cancelled, so setting its outcome later cannot fail.
+            items = [item for item in collected if item.future.set_running_or_notify_cancel()]
+            ready = _Ready(items, None)
+            if items:
+                try:
+                    ready.prepared = self.stages.prepare(items)
+                except BaseException as exc:  # the preparer thread must survive anything one microbatch does
+                    log.exception("preparing a microbatch of %d failed", len(items))
+                    ready.failure = exc
+            with self._changed:
+                if items:
+                    self._ready.append(ready)
+                self._interactive_pending -= sum(item.priority == INTERACTIVE for item in collected)
+                self._changed.notify_all()
+
+    def _wait_for_room(self) -> None:
+        """Wait while enough backlog is prepared ahead, unless an interactive item is waiting to be collected."""
+        with self._changed:
+            while sum(r.priority == BACKLOG for r in self._ready) >= BACKLOG_AHEAD and not self._interactive_first():
+                self._changed.wait()
 
     def _collect(self) -> list[MicrobatchItem] | None:
         entry = self._queue.get()
-        if entry[0] == BACKLOG:
-            # Put back in its place, wait for interactive jobs on their way, then take whichever is first.
-            self._queue.put(entry)
-            self.handoff.wait_before_backlog(self._interactive_first)
-            entry = self._queue.get()
         first = entry[2]
         if first is None:
             return None
@@ -125,23 +213,54 @@ class Microbatcher:
         with self._queue.mutex:
             return bool(self._queue.queue) and self._queue.queue[0][0] == INTERACTIVE
 
-    def _loop(self) -> None:
+    # -- the runner --------------------------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
         while True:
-            collected = self._collect()
-            if collected is None:
+            ready = self._next_ready()
+            if ready is None:
                 return
-            # From here on a future cannot be cancelled, so setting its outcome below cannot fail.
-            microbatch = [item for item in collected if item.future.set_running_or_notify_cancel()]
-            if not microbatch:
-                continue
-            try:
-                results = self.run(microbatch)
-            except BaseException as exc:  # the microbatcher thread must survive anything one microbatch does
-                log.exception("microbatch of %d failed", len(microbatch))
-                results = [exc] * len(microbatch)
-            self.handoff.microbatch_done(item.job_id for item in microbatch)
-            for item, result in zip(microbatch, results, strict=True):
+            if ready.failure is not None:
+                results: Sequence[Any] = [ready.failure] * len(ready.items)
+            else:
+                try:
+                    results = self.stages.run(ready.items, ready.prepared)
+                except BaseException as exc:  # the runner thread must survive anything one microbatch does
+                    log.exception("microbatch of %d failed", len(ready.items))
+                    results = [exc] * len(ready.items)
+            self.handoff.microbatch_done(item.job_id for item in ready.items)
+            for item, result in zip(ready.items, results, strict=True):
                 if isinstance(result, BaseException):
                     item.future.set_exception(result)
                 else:
                     item.future.set_result(result)
+
+    def _next_ready(self) -> _Ready | None:
+        """The next microbatch to run: an interactive one if any is ready; a backlog one only after the
+        hand-off has let interactive jobs on their way go first."""
+        while True:
+            with self._changed:
+                while not self._ready and not self._stopping:
+                    self._changed.wait()
+                if not self._ready:
+                    return None
+                chosen = min(self._ready, key=lambda r: r.priority)
+            if chosen.priority == BACKLOG:
+                self.handoff.wait_before_backlog(self._interactive_ready, self._interactive_on_its_way)
+            with self._changed:
+                if chosen.priority == BACKLOG and self._interactive_ready_locked():
+                    continue  # one came meanwhile: choose again
+                self._ready.remove(chosen)
+                self._changed.notify_all()
+                return chosen
+
+    def _interactive_ready(self) -> bool:
+        with self._changed:
+            return self._interactive_ready_locked()
+
+    def _interactive_on_its_way(self) -> bool:
+        with self._changed:
+            return self._interactive_pending > 0
+
+    def _interactive_ready_locked(self) -> bool:
+        return any(r.priority == INTERACTIVE for r in self._ready)

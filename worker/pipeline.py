@@ -167,6 +167,37 @@ def generate_isolating(
         )
 
 
+def prepare_questions(
+    questions: Sequence[Question], retriever: Retriever, generator: Generator, fitter: PromptFitter
+) -> list[Prepared | Exception]:
+    """The first stage, without the model: retrieve for every question, then fit its prompt. A question that
+    cannot be prepared gets its exception, alone."""
+    started = time.perf_counter()
+    retrieved = retriever.search_many([(q.question, q.course, q.top_k) for q in questions])
+    # One pass for the microbatch; each question is charged its share.
+    retrieval_ms = (time.perf_counter() - started) * 1000 / max(1, len(questions))
+    try:
+        return prepare_microbatch(questions, retrieved, retrieval_ms, generator, fitter)
+    except Exception as exc:  # a failure of the whole pass (say, the tokenizer) fails its questions, not the worker
+        return [exc] * len(questions)
+
+
+def generate_prepared(prepared: Sequence[Prepared | Exception], generator: Generator, limits: CallLimits) -> list[Answer | Exception]:
+    """The second stage, on the model: one `generate` call per group of equal settings, within the limits."""
+    results: list[Answer | Exception | None] = [p if isinstance(p, Exception) else None for p in prepared]
+    ready = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
+    items: list[Prepared] = prepared  # type: ignore[assignment]  # only the `ready` indices are read
+    for call in plan_calls(items, ready, limits.cap.value, limits.max_tokens):
+        started = time.perf_counter()
+        prompts = [items[i].prompt.text for i in call]
+        generations = generate_isolating(generator, prompts, items[call[0]].params, limits.cap)
+        generation_ms = (time.perf_counter() - started) * 1000
+        for i, generation in zip(call, generations, strict=True):
+            results[i] = generation if isinstance(generation, Exception) else _answer(items[i], generation, generation_ms, len(call))
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
 def answer_microbatch(
     questions: Sequence[Question],
     retriever: Retriever,
@@ -177,33 +208,8 @@ def answer_microbatch(
 ) -> list[Answer | Exception]:
     """Answer every question; each result is an `Answer` or the exception that failed that question alone."""
     limits = limits or CallLimits(CallSizeCap(max(1, len(questions))), max_tokens=1 << 40)
-    fitter = fitter or prompt_fitter(generator, template)
-    results: list[Answer | Exception | None] = [None] * len(questions)
-    prepared: list[Prepared] = [None] * len(questions)  # type: ignore[list-item]
-    ready: list[int] = []
-    started = time.perf_counter()
-    retrieved = retriever.search_many([(q.question, q.course, q.top_k) for q in questions])
-    # One pass for the microbatch; each question is charged its share.
-    retrieval_ms = (time.perf_counter() - started) * 1000 / max(1, len(questions))
-    try:
-        outcomes = prepare_microbatch(questions, retrieved, retrieval_ms, generator, fitter)
-    except Exception as exc:  # a failure of the whole pass (say, the tokenizer) fails its questions, not the worker
-        outcomes = [exc] * len(questions)
-    for i, outcome in enumerate(outcomes):
-        if isinstance(outcome, Exception):
-            results[i] = outcome
-        else:
-            prepared[i] = outcome
-            ready.append(i)
-    for call in plan_calls(prepared, ready, limits.cap.value, limits.max_tokens):
-        started = time.perf_counter()
-        prompts = [prepared[i].prompt.text for i in call]
-        generations = generate_isolating(generator, prompts, prepared[call[0]].params, limits.cap)
-        generation_ms = (time.perf_counter() - started) * 1000
-        for i, generation in zip(call, generations, strict=True):
-            results[i] = generation if isinstance(generation, Exception) else _answer(prepared[i], generation, generation_ms, len(call))
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
+    prepared = prepare_questions(questions, retriever, generator, fitter or prompt_fitter(generator, template))
+    return generate_prepared(prepared, generator, limits)
 
 
 def _answer(prepared: Prepared, generation: Generation, generation_ms: float, call_size: int) -> Answer:

@@ -24,7 +24,7 @@ from worker.generation import Generator, load_generator, resolve_device
 from worker.handoff import InteractiveHandoff
 from worker.ledger import Ledger
 from worker.microbatcher import SKIPPED, Microbatcher, MicrobatchInfo, MicrobatchItem
-from worker.pipeline import CallLimits, CallSizeCap, answer_microbatch, prompt_fitter
+from worker.pipeline import CallLimits, CallSizeCap, Prepared, generate_prepared, prepare_questions, prompt_fitter
 from worker.prompt import DEFAULT_TEMPLATE, PromptFitter, check_template
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
@@ -63,9 +63,17 @@ def microbatch_settings(settings: Settings) -> MicrobatchSettings:
     )
 
 
+@dataclass
+class PreparedMicrobatch:
+    """A microbatch ready for the model: the jobs still to answer and their prepared prompts."""
+
+    live: list[int]
+    prepared: list[Prepared | Exception]
+
+
 @dataclass(frozen=True)
 class Answerer:
-    """Answers one microbatch: skips jobs cancelled while they waited, then one pipeline pass for the rest."""
+    """Answers microbatches in two stages (see `worker.microbatcher`): prepare without the model, then run on it."""
 
     store: JobStore
     retriever: Retriever
@@ -78,8 +86,8 @@ class Answerer:
     def __post_init__(self) -> None:
         object.__setattr__(self, "fitter", prompt_fitter(self.generator, self.template))
 
-    def __call__(self, items: Sequence[MicrobatchItem]) -> list[Any]:
-        """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
+    def prepare(self, items: Sequence[MicrobatchItem]) -> PreparedMicrobatch:
+        """Skip jobs cancelled while they waited; retrieve and build the prompts of the rest."""
         try:
             statuses = self.store.statuses([item.job_id for item in items])
         except redis.RedisError:
@@ -88,14 +96,22 @@ class Answerer:
             log.warning("cannot read the microbatch's statuses; answering all %d jobs", len(items))
             statuses = [JobStatus.RUNNING] * len(items)
         live = [i for i, status in enumerate(statuses) if status is JobStatus.RUNNING]
-        results: list[Any] = [SKIPPED] * len(items)
         questions = [items[i].payload for i in live]
-        answers = answer_microbatch(questions, self.retriever, self.generator, self.template, self.limits, self.fitter)
+        return PreparedMicrobatch(live, prepare_questions(questions, self.retriever, self.generator, self.fitter))
+
+    def run(self, items: Sequence[MicrobatchItem], prepared: PreparedMicrobatch) -> list[Any]:
+        """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
+        results: list[Any] = [SKIPPED] * len(items)
+        answers = generate_prepared(prepared.prepared, self.generator, self.limits)
         now = time.monotonic()
-        for i, result in zip(live, answers, strict=True):
-            info = MicrobatchInfo(len(live), (now - items[i].enqueued_at) * 1000)
+        for i, result in zip(prepared.live, answers, strict=True):
+            info = MicrobatchInfo(len(prepared.live), (now - items[i].enqueued_at) * 1000)
             results[i] = result if isinstance(result, Exception) else (result, info)
         return results
+
+    def __call__(self, items: Sequence[MicrobatchItem]) -> list[Any]:
+        """Both stages at once."""
+        return self.run(items, self.prepare(items))
 
 
 @dataclass(frozen=True)
