@@ -223,45 +223,47 @@ def test_a_microbatch_is_answered_while_redis_is_away(settings: Settings, retrie
 
 
 class Timeline:
-    """Stages that record when each microbatch was prepared and run; running takes `run_s`."""
+    """Stages that record when each microbatch (numbered in the order prepared) was prepared and run."""
 
     def __init__(self, run_s: float) -> None:
         self.run_s = run_s
-        self.events: list[tuple[str, int, float]] = []
-        self.lock = threading.Lock()
+        self.events: dict[tuple[str, int], float] = {}
+        self.sizes: list[int] = []
 
-    def note(self, what: str, items: Sequence[MicrobatchItem]) -> None:
-        with self.lock:
-            self.events.append((what, int(items[0].payload), time.monotonic()))
-
-    def prepare(self, items: Sequence[MicrobatchItem]) -> None:
-        self.note("prepare", items)
+    def prepare(self, items: Sequence[MicrobatchItem]) -> int:
+        number = len(self.sizes)
+        self.sizes.append(len(items))
+        self.events["prepare", number] = time.monotonic()
         time.sleep(self.run_s / 4)
-        self.note("prepared", items)
+        self.events["prepared", number] = time.monotonic()
+        return number
 
-    def run(self, items: Sequence[MicrobatchItem], prepared: Any) -> list[Any]:
-        self.note("run", items)
+    def run(self, items: Sequence[MicrobatchItem], number: int) -> list[Any]:
+        self.events["run", number] = time.monotonic()
         time.sleep(self.run_s)
-        self.note("ran", items)
+        self.events["ran", number] = time.monotonic()
         return [None] * len(items)
 
 
 def test_the_next_microbatch_is_prepared_while_the_current_one_runs_and_no_further() -> None:
     timeline = Timeline(run_s=0.1)
-    microbatcher = Microbatcher(timeline, max_size=2, wait_ms=0)
-    futures = [microbatcher.submit(f"j{i}", i // 2, BACKLOG) for i in range(8)]  # microbatches 0..3
+    microbatcher = Microbatcher(timeline, max_size=4, wait_ms=0)
+    futures = [microbatcher.submit(f"j{i}", i, BACKLOG) for i in range(13)]
     for future in futures:
         future.result(timeout=10)
     microbatcher.stop()
-    at = {(what, number): t for what, number, t in timeline.events}
-    for number in range(1, 4):
+    at = timeline.events
+    assert sum(timeline.sizes) == 13
+    for number in range(1, len(timeline.sizes)):
         # Ready before the model finished the one before it, so the model never waited for Python...
-        assert at[("prepared", number)] < at[("ran", number - 1)]
+        assert at["prepared", number] < at["ran", number - 1]
         # ...and run right after it.
-        assert at[("run", number)] - at[("ran", number - 1)] < 0.05
-    for number in range(2, 4):
+        assert at["run", number] - at["ran", number - 1] < 0.05
+    for number in range(2, len(timeline.sizes)):
         # Only one backlog microbatch is prepared ahead: this one waited until the one two before it ran.
-        assert at[("prepare", number)] >= at[("run", number - 1)]
+        assert at["prepare", number] >= at["run", number - 1]
+    # While the model was busy, the microbatch being collected kept filling: all but the first are full.
+    assert timeline.sizes[1:-1] == [4] * (len(timeline.sizes) - 2)
 
 
 def test_a_backlog_microbatch_goes_at_once_when_no_interactive_job_is_on_its_way() -> None:

@@ -46,6 +46,8 @@ BACKLOG = 1
 _STOP = 1 << 30
 # Backlog microbatches prepared ahead of the one on the model: enough to keep the model busy.
 BACKLOG_AHEAD = 1
+# While the model is busy, a microbatch short of its size keeps filling; this often it looks again.
+FILL_POLL_S = 0.005
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Microbatcher:
         self._ready: list[_Ready] = []
         # Interactive items submitted and not yet in a ready microbatch: the hand-off waits for them too.
         self._interactive_pending = 0
+        self._model_busy = False
         self._stopping = False
         self._preparer = threading.Thread(target=self._prepare_loop, name="ragq-preparer", daemon=True)
         self._runner = threading.Thread(target=self._run_loop, name="ragq-runner", daemon=True)
@@ -196,11 +199,19 @@ class Microbatcher:
         microbatch = [first]
         deadline = first.enqueued_at + self.wait_s
         while len(microbatch) < self.max_size:
+            timeout_s = deadline - time.monotonic()
+            if timeout_s <= 0:
+                # The window has closed. While the model is still busy with the microbatch before, nothing
+                # is gained by closing this one early: keep filling it (full microbatches, fewer calls).
+                with self._changed:
+                    if not self._model_busy:
+                        break
+                timeout_s = FILL_POLL_S
             try:
-                # Take what is already waiting at once; wait for more only until the window closes.
-                entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                # Take what is already waiting at once; wait for more only while it is worth it.
+                entry = self._queue.get(timeout=timeout_s)
             except queue.Empty:
-                break
+                continue
             # A microbatch holds one class: interactive jobs run without backlog items, so they take an
             # idle worker's time, not a full microbatch's.
             if entry[2] is None or entry[0] != first.priority:
@@ -228,6 +239,8 @@ class Microbatcher:
                 except BaseException as exc:  # the runner thread must survive anything one microbatch does
                     log.exception("microbatch of %d failed", len(ready.items))
                     results = [exc] * len(ready.items)
+            with self._changed:
+                self._model_busy = False
             self.handoff.microbatch_done(item.job_id for item in ready.items)
             for item, result in zip(ready.items, results, strict=True):
                 if isinstance(result, BaseException):
@@ -251,6 +264,7 @@ class Microbatcher:
                 if chosen.priority == BACKLOG and self._interactive_ready_locked():
                     continue  # one came meanwhile: choose again
                 self._ready.remove(chosen)
+                self._model_busy = True
                 self._changed.notify_all()
                 return chosen
 
