@@ -246,7 +246,7 @@ class Timeline:
 
 
 def test_the_next_microbatch_is_prepared_while_the_current_one_runs_and_no_further() -> None:
-    timeline = Timeline(run_s=0.1)
+    timeline = Timeline(run_s=0.2)
     microbatcher = Microbatcher(timeline, max_size=4, wait_ms=0)
     futures = [microbatcher.submit(f"j{i}", i, BACKLOG) for i in range(13)]
     for future in futures:
@@ -258,7 +258,7 @@ def test_the_next_microbatch_is_prepared_while_the_current_one_runs_and_no_furth
         # Ready before the model finished the one before it, so the model never waited for Python...
         assert at["prepared", number] < at["ran", number - 1]
         # ...and run right after it.
-        assert at["run", number] - at["ran", number - 1] < 0.05
+        assert at["run", number] - at["ran", number - 1] < timeline.run_s / 2
     for number in range(2, len(timeline.sizes)):
         # Only one backlog microbatch is prepared ahead: this one waited until the one two before it ran.
         assert at["prepare", number] >= at["run", number - 1]
@@ -273,10 +273,78 @@ def test_a_backlog_microbatch_goes_at_once_when_no_interactive_job_is_on_its_way
     handoff.microbatch_done(["a", "b"])
     started = time.monotonic()
     handoff.wait_before_backlog(lambda: False)
-    assert time.monotonic() - started < 0.05
+    assert time.monotonic() - started < 0.5  # not the settle bound of 1 s
     # With an interactive job queued in Redis it waits for those tasks (here: until the settle bound).
     waiting = InteractiveHandoff(lambda: True, settle_max_s=0.2, max_hold_s=0.05)
     waiting.microbatch_done(["a"])
     started = time.monotonic()
     waiting.wait_before_backlog(lambda: False)
     assert time.monotonic() - started >= 0.2
+
+
+def test_the_preparer_counts_tokens_while_the_runner_generates(t5: Generator) -> None:
+    # A Rust tokenizer shared by two threads is not safe: `generate`'s padded calls switch padding on and off
+    # on it, and a count made meanwhile came back padded, or a call failed.
+    preparing = t5.for_preparing()
+    texts = [q * (1 + i % 4) for i, q in enumerate(QUESTIONS)]
+    expected = preparing.count_tokens_many(texts)
+    problems: list[object] = []
+    stop = threading.Event()
+
+    def count() -> None:
+        while not stop.is_set():
+            try:
+                if preparing.count_tokens_many(texts) != expected:
+                    problems.append("a count changed")
+            except Exception as exc:
+                problems.append(exc)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            t5.generate(texts, {"max_new_tokens": 1, "num_beams": 1})
+    finally:
+        stop.set()
+        counter.join()
+    assert problems == []
+
+
+def test_a_flood_of_interactive_jobs_is_answered_in_full_microbatches_while_the_model_is_busy() -> None:
+    sizes: list[int] = []
+
+    def run(items: Sequence[MicrobatchItem]) -> list[Any]:
+        sizes.append(len(items))
+        time.sleep(0.05)
+        return [None] * len(items)
+
+    microbatcher = Microbatcher(OneStage(run), max_size=8, wait_ms=0)
+    futures = [microbatcher.submit(f"j{i}", i) for i in range(25)]
+    for future in futures:
+        future.result(timeout=10)
+    microbatcher.stop()
+    # The first may go alone (the model was idle); after it, microbatches fill while the model is busy.
+    assert sum(sizes) == 25 and len(sizes) <= 5, sizes
+
+
+def test_a_stage_returning_the_wrong_number_of_results_fails_its_jobs_not_the_runner() -> None:
+    def run(items: Sequence[MicrobatchItem]) -> list[Any]:
+        return [] if items[0].payload == "short" else ["ok"] * len(items)
+
+    microbatcher = Microbatcher(OneStage(run), max_size=1, wait_ms=0)
+    with pytest.raises(RuntimeError, match="0 results for a microbatch of 1"):
+        microbatcher.submit("a", "short").result(timeout=5)
+    assert microbatcher.submit("b", "fine").result(timeout=5) == "ok"
+    microbatcher.stop()
+
+
+def test_a_task_that_never_returned_does_not_hold_later_backlog_microbatches() -> None:
+    handoff = InteractiveHandoff(lambda: True, settle_max_s=1.0, max_hold_s=0.05)
+    handoff.microbatch_done(["timed-out"])  # its task stopped waiting at its time limit and returned early
+    handoff.microbatch_done(["b"])
+    handoff.task_returned("b")
+    started = time.monotonic()
+    handoff.wait_before_backlog(lambda: False)
+    # The hold (0.05 s) for the queued interactive job, not the settle bound (1 s).
+    assert time.monotonic() - started < 0.5

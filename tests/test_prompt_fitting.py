@@ -114,3 +114,13 @@ def test_the_search_finds_the_exact_prefix_however_far_the_sum_is_off(error: int
     for (prompt, tokens), budget in zip(fitted, budgets, strict=True):
         expected = build_prompt("how?", docs, count_tokens=lambda text: len(text.split()), max_tokens=budget)
         assert (prompt, tokens) == (expected, len(expected.text.split()))
+
+
+def test_a_fitter_whose_memory_overflows_starts_over_and_still_fits_exactly(generator: Generator, tmp_path: Path) -> None:
+    retriever = Retriever(load_documents(None, tmp_path))
+    sources = retriever.search_many([(q, None, 5) for q in QUESTIONS])
+    fitter = prompt_fitter(generator)
+    fitter.MAX_REMEMBERED = 3  # type: ignore[misc]
+    for _ in range(2):
+        fitted = fitter.fit(QUESTIONS, sources, [200] * len(QUESTIONS))
+        assert fitted == [one_at_a_time(generator, q, s, 200) for q, s in zip(QUESTIONS, sources, strict=True)]

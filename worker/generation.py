@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,6 +64,15 @@ class Generator:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def for_preparing(self) -> Generator:
+        """This generator for another thread that only prepares prompts (counts tokens, never generates): same
+        family, limits and tokenizer settings, but a tokenizer of its own. A Rust tokenizer is not safe to share
+        between threads: `generate`'s padded calls switch padding on and off on it, and a count made meanwhile
+        on another thread comes back padded (or a call fails)."""
+        preparing = copy.copy(self)
+        preparing.tokenizer = copy.deepcopy(self.tokenizer)
+        return preparing
 
     @property
     def context_tokens(self) -> int:

@@ -76,9 +76,12 @@ class InteractiveHandoff:
                 self._changed.notify_all()
 
     def microbatch_done(self, job_ids: Iterable[str]) -> None:
-        """A microbatch ended: the tasks of these jobs will now store their outcomes and return."""
+        """A microbatch ended: the tasks of these jobs will now store their outcomes and return.
+
+        Only the microbatch that just ended matters: a task of an earlier one that never said it returned (it
+        stopped waiting at its time limit) is forgotten here, so it cannot hold every later hand-off."""
         with self._changed:
-            self._returning.update(job_ids)
+            self._returning = set(job_ids)
 
     def task_returned(self, job_id: str) -> None:
         """The task of `job_id` is about to return: its thread is free for the next message."""
@@ -102,7 +105,8 @@ class InteractiveHandoff:
         settle_deadline = now + self.settle_max_s
         with self._changed:
             while self._returning and now < settle_deadline and not interactive_ready():
-                self._changed.wait(settle_deadline - now)
+                # Woken when a task returns; looks again every `poll_s` for an interactive job gone ready.
+                self._changed.wait(min(self.poll_s, settle_deadline - now))
                 now = time.monotonic()
         settled_at = now
         hold_deadline = settled_at + self.max_hold_s

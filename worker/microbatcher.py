@@ -46,7 +46,10 @@ BACKLOG = 1
 _STOP = 1 << 30
 # Backlog microbatches prepared ahead of the one on the model: enough to keep the model busy.
 BACKLOG_AHEAD = 1
-# While the model is busy, a microbatch short of its size keeps filling; this often it looks again.
+# While the model is busy, a microbatch short of its size keeps filling, as long as jobs keep coming: one
+# arrived within the last FILL_IDLE_S (the threads freed by a microbatch fetch their next messages in a burst).
+# This often it looks again.
+FILL_IDLE_S = 0.1
 FILL_POLL_S = 0.005
 
 
@@ -198,27 +201,36 @@ class Microbatcher:
             return None
         microbatch = [first]
         deadline = first.enqueued_at + self.wait_s
+        last_arrival = time.monotonic()
         while len(microbatch) < self.max_size:
-            timeout_s = deadline - time.monotonic()
+            now = time.monotonic()
+            timeout_s = deadline - now
+            filling = False
             if timeout_s <= 0:
-                # The window has closed. While the model is still busy with the microbatch before, nothing
-                # is gained by closing this one early: keep filling it (full microbatches, fewer calls).
-                with self._changed:
-                    if not self._model_busy:
-                        break
-                timeout_s = FILL_POLL_S
+                # The window has closed. While the model cannot take this microbatch yet (it is busy, or
+                # another one goes first) and jobs keep coming, nothing is gained by closing it: keep filling
+                # it (full microbatches, fewer calls). Otherwise take only what is already waiting.
+                filling = now - last_arrival < FILL_IDLE_S and self._model_cannot_take(first.priority)
+                timeout_s = FILL_POLL_S if filling else 0.0
             try:
-                # Take what is already waiting at once; wait for more only while it is worth it.
                 entry = self._queue.get(timeout=timeout_s)
             except queue.Empty:
-                continue
+                if filling or timeout_s > 0:
+                    continue
+                break
             # A microbatch holds one class: interactive jobs run without backlog items, so they take an
             # idle worker's time, not a full microbatch's.
             if entry[2] is None or entry[0] != first.priority:
                 self._queue.put(entry)
                 break
             microbatch.append(entry[2])
+            last_arrival = time.monotonic()
         return microbatch
+
+    def _model_cannot_take(self, priority: int) -> bool:
+        """Whether the runner is busy, or has a ready microbatch that goes before one of this priority."""
+        with self._changed:
+            return self._model_busy or any(r.priority <= priority for r in self._ready)
 
     def _interactive_first(self) -> bool:
         with self._queue.mutex:
@@ -235,7 +247,9 @@ class Microbatcher:
                 results: Sequence[Any] = [ready.failure] * len(ready.items)
             else:
                 try:
-                    results = self.stages.run(ready.items, ready.prepared)
+                    results = list(self.stages.run(ready.items, ready.prepared))
+                    if len(results) != len(ready.items):
+                        raise RuntimeError(f"{len(results)} results for a microbatch of {len(ready.items)}")
                 except BaseException as exc:  # the runner thread must survive anything one microbatch does
                     log.exception("microbatch of %d failed", len(ready.items))
                     results = [exc] * len(ready.items)

@@ -115,7 +115,9 @@ class PromptFitter:
     def _remember(self, entries: list[str]) -> None:
         missing = list(dict.fromkeys(e for e in entries if e not in self._entry_tokens))
         if len(self._entry_tokens) + len(missing) > self.MAX_REMEMBERED:
+            # Start over, keeping (counting again) what this microbatch needs.
             self._entry_tokens.clear()
+            missing = list(dict.fromkeys(entries))
         self._entry_tokens.update(zip(missing, self.count_pieces(missing), strict=True))
 
     def _separator(self) -> int:

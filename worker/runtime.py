@@ -80,34 +80,46 @@ class Answerer:
     generator: Generator
     template: str
     limits: CallLimits
-    # One per worker: it remembers the token counts of the FAQ entries it has seen.
+    # The preparer's view of the model (its own tokenizer: see `Generator.for_preparing`), and one fitter per
+    # worker, which remembers the token counts of the FAQ entries it has seen.
+    preparing: Generator = field(init=False)
     fitter: PromptFitter = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fitter", prompt_fitter(self.generator, self.template))
+        preparing = self.generator.for_preparing()
+        object.__setattr__(self, "preparing", preparing)
+        object.__setattr__(self, "fitter", prompt_fitter(preparing, self.template))
 
     def prepare(self, items: Sequence[MicrobatchItem]) -> PreparedMicrobatch:
         """Skip jobs cancelled while they waited; retrieve and build the prompts of the rest."""
-        try:
-            statuses = self.store.statuses([item.job_id for item in items])
-        except redis.RedisError:
-            # Redis is away (a restart): answer them all. A job cancelled meanwhile keeps its status, since
-            # the final transition refuses to overwrite it, and the results wait for Redis to come back.
-            log.warning("cannot read the microbatch's statuses; answering all %d jobs", len(items))
-            statuses = [JobStatus.RUNNING] * len(items)
-        live = [i for i, status in enumerate(statuses) if status is JobStatus.RUNNING]
+        live = self._still_running(items, range(len(items)))
         questions = [items[i].payload for i in live]
-        return PreparedMicrobatch(live, prepare_questions(questions, self.retriever, self.generator, self.fitter))
+        return PreparedMicrobatch(live, prepare_questions(questions, self.retriever, self.preparing, self.fitter))
 
     def run(self, items: Sequence[MicrobatchItem], prepared: PreparedMicrobatch) -> list[Any]:
         """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
+        started = time.monotonic()
+        # Prepared while the microbatch before was on the model: skip what was cancelled since.
+        still = set(self._still_running(items, prepared.live))
+        kept = [(i, p) for i, p in zip(prepared.live, prepared.prepared, strict=True) if i in still]
         results: list[Any] = [SKIPPED] * len(items)
-        answers = generate_prepared(prepared.prepared, self.generator, self.limits)
-        now = time.monotonic()
-        for i, result in zip(prepared.live, answers, strict=True):
-            info = MicrobatchInfo(len(prepared.live), (now - items[i].enqueued_at) * 1000)
+        answers = generate_prepared([p for _, p in kept], self.generator, self.limits)
+        for (i, _), result in zip(kept, answers, strict=True):
+            info = MicrobatchInfo(len(kept), (started - items[i].enqueued_at) * 1000)
             results[i] = result if isinstance(result, Exception) else (result, info)
         return results
+
+    def _still_running(self, items: Sequence[MicrobatchItem], indices: Sequence[int]) -> list[int]:
+        """Those of `indices` whose jobs are still `running` (not cancelled, expired or finished meanwhile)."""
+        indices = list(indices)
+        try:
+            statuses = self.store.statuses([items[i].job_id for i in indices])
+        except redis.RedisError:
+            # Redis is away (a restart): answer them all. A job cancelled meanwhile keeps its status, since
+            # the final transition refuses to overwrite it, and the results wait for Redis to come back.
+            log.warning("cannot read the microbatch's statuses; answering all %d jobs", len(indices))
+            return indices
+        return [i for i, status in zip(indices, statuses, strict=True) if status is JobStatus.RUNNING]
 
     def __call__(self, items: Sequence[MicrobatchItem]) -> list[Any]:
         """Both stages at once."""
