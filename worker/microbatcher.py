@@ -47,9 +47,10 @@ _STOP = 1 << 30
 # Backlog microbatches prepared ahead of the one on the model: enough to keep the model busy.
 BACKLOG_AHEAD = 1
 # While the model is busy, a microbatch short of its size keeps filling, as long as jobs keep coming: one
-# arrived within the last FILL_IDLE_S (the threads freed by a microbatch fetch their next messages in a burst).
-# This often it looks again.
-FILL_IDLE_S = 0.1
+# arrived within the last FILL_IDLE_S. The threads freed by a microbatch fetch their next messages in a burst,
+# with pauses of over 0.1 s on a busy 2-core machine; closing early costs a whole extra `generate` call, waiting
+# too long at most the preparation of the last microbatch of a backlog. This often it looks again.
+FILL_IDLE_S = 0.5
 FILL_POLL_S = 0.005
 
 
@@ -119,10 +120,12 @@ class Microbatcher:
         max_size: int,
         wait_ms: float,
         handoff: InteractiveHandoff | None = None,
+        fill_idle_s: float = FILL_IDLE_S,
     ) -> None:
         self.stages = stages
         self.max_size = max_size
         self.wait_s = wait_ms / 1000
+        self.fill_idle_s = fill_idle_s
         self.handoff = handoff or InteractiveHandoff()
         # Interactive jobs first, then in arrival order: a job from the API joins the next microbatch even
         # when backlog items the worker already holds are waiting.
@@ -210,7 +213,7 @@ class Microbatcher:
                 # The window has closed. While the model cannot take this microbatch yet (it is busy, or
                 # another one goes first) and jobs keep coming, nothing is gained by closing it: keep filling
                 # it (full microbatches, fewer calls). Otherwise take only what is already waiting.
-                filling = now - last_arrival < FILL_IDLE_S and self._model_cannot_take(first.priority)
+                filling = now - last_arrival < self.fill_idle_s and self._model_cannot_take(first.priority)
                 timeout_s = FILL_POLL_S if filling else 0.0
             try:
                 entry = self._queue.get(timeout=timeout_s)
