@@ -97,6 +97,7 @@ def enqueue_many(
         app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at})
 
 
-def send_again(app: Celery, client: redis.Redis, job: Job) -> None:
-    """Send a new message for `job` to its model's interactive or batch queue, as its first one went."""
-    enqueue(app, client, job.id, job.model, batch_item=job.batch_id is not None)
+def send_again(app: Celery, client: redis.Redis, job: Job, *, sent_at: str | None = None) -> None:
+    """Send a new message for `job` to its model's interactive or batch queue, as its first one went (noted as
+    sent unless the caller did: `sent_at`)."""
+    enqueue(app, client, job.id, job.model, batch_item=job.batch_id is not None, sent_at=sent_at)

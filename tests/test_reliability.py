@@ -18,7 +18,7 @@ from kombu import Connection, Exchange, Queue
 from shared import redis_keys
 from shared.batch_store import BatchStore
 from shared.batches import Batch
-from shared.broker import enqueue, make_celery
+from shared.broker import SENT_HEADER, enqueue, make_celery
 from shared.config import Settings
 from shared.jobs import Job, JobStatus
 from shared.store import JobStore
@@ -185,6 +185,11 @@ def test_message_audit_sends_again_a_message_taken_from_the_queue_but_never_deli
     assert audit.audit_messages(stale_s=0, slack_s=0) == ["dropped"]
     # Sent again, behind the one still waiting; the one still in its queue is left alone.
     assert [job_of(m) for m in redis_client.lrange(queue, 0, -1)] == ["dropped", "waiting"]
+    # The new message carries the time it is noted as sent (Lua prints 14 digits: within a millisecond), which
+    # the next audit compares with the messages behind it.
+    resent = json.loads(redis_client.lindex(queue, 0))
+    noted = redis_client.zscore(redis_keys.sent("unserved"), "dropped")
+    assert noted is not None and abs(float(resent["headers"][SENT_HEADER]) - noted) < 0.001
     assert audit.audit_messages(stale_s=0, slack_s=0) == []
 
 

@@ -45,6 +45,7 @@ AUDIT_SLACK_S = 5.0
 # under a live worker is refused.
 # KEYS: sent set, unacked hash, unacked index, interactive queue, batch queue.
 # ARGV: job key template, worker alive template, stale seconds, limit, slack seconds, sent header name.
+# Returns {the time the lost jobs were noted as sent again (Redis's clock), their ids}.
 _AUDIT_LUA = with_now("""
 local now = now()
 local cutoff = now - tonumber(ARGV[3])
@@ -59,7 +60,7 @@ local function message_of(payload)
   return id, tonumber(headers[ARGV[6]])
 end
 local candidates = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', cutoff, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
-if #candidates == 0 then return {} end
+if #candidates == 0 then return {tostring(now), {}} end
 local delivered = {}
 local unacked = redis.call('HGETALL', KEYS[2])
 for i = 1, #unacked, 2 do
@@ -103,7 +104,7 @@ for i = 1, #candidates, 2 do
     end
   end
 end
-return lost
+return {tostring(now), lost}
 """)
 
 
@@ -129,7 +130,7 @@ class MessageAudit:
 
     def audit_messages(self, stale_s: float = MESSAGE_STALE_S, slack_s: float = AUDIT_SLACK_S) -> list[str]:
         """Send again the messages of this model's jobs that were lost on their way to a worker (see `_AUDIT_LUA`)."""
-        lost = self._audit(
+        sent_at, lost = self._audit(
             keys=[
                 redis_keys.sent(self.model_name),
                 redis_keys.broker_unacked(),
@@ -145,7 +146,7 @@ class MessageAudit:
                 job = self.store.get(job_id)
             except NotFound:
                 continue
-            send_again(self.celery, self.redis, job)
+            send_again(self.celery, self.redis, job, sent_at=str(sent_at))
             resent.append(job_id)
         if resent:
             log.warning("sent again %d messages lost on their way to a worker", len(resent))
