@@ -349,3 +349,16 @@ def test_a_task_that_never_returned_does_not_hold_later_backlog_microbatches() -
     handoff.wait_before_backlog(lambda: False)
     # The hold (0.05 s) for the queued interactive job, not the settle bound (1 s).
     assert time.monotonic() - started < 0.5
+
+
+def test_jobs_submitted_before_a_stop_are_answered_and_after_it_fail_at_once() -> None:
+    def run(items: Sequence[MicrobatchItem]) -> list[Any]:
+        time.sleep(0.05)
+        return ["ok"] * len(items)
+
+    microbatcher = Microbatcher(OneStage(run), max_size=1, wait_ms=0)
+    before = [microbatcher.submit(f"a{i}", i, BACKLOG) for i in range(3)]
+    microbatcher.stop()
+    assert [f.result(timeout=5) for f in before] == ["ok"] * 3
+    with pytest.raises(RuntimeError, match="stopped"):
+        microbatcher.submit("late", 9).result(timeout=1)

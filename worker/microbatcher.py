@@ -139,6 +139,7 @@ class Microbatcher:
         self._interactive_pending = 0
         self._model_busy = False
         self._stopping = False
+        self._closed = False
         self._preparer = threading.Thread(target=self._prepare_loop, name="ragq-preparer", daemon=True)
         self._runner = threading.Thread(target=self._run_loop, name="ragq-runner", daemon=True)
         self._preparer.start()
@@ -150,6 +151,9 @@ class Microbatcher:
         A caller that stops waiting should cancel the future: if its microbatch has not started, it is left out.
         """
         item = MicrobatchItem(job_id, payload, priority)
+        if self._closed:
+            item.future.set_exception(RuntimeError("the microbatcher has stopped"))
+            return item.future
         if priority == INTERACTIVE:
             with self._changed:
                 self._interactive_pending += 1
@@ -160,10 +164,18 @@ class Microbatcher:
         return item.future
 
     def stop(self) -> None:
-        """Stop after the microbatches already queued ahead of the stop."""
+        """Stop after the jobs already submitted; a job submitted later (or left behind) fails."""
+        self._closed = True
         self._queue.put((_STOP, next(self._seq), None))
         self._preparer.join(timeout=5)
         self._runner.join(timeout=5)
+        while True:
+            try:
+                item = self._queue.get_nowait()[2]
+            except queue.Empty:
+                return
+            if item is not None and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(RuntimeError("the microbatcher has stopped"))
 
     # -- the preparer ------------------------------------------------------------------------------------
 
