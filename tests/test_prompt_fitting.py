@@ -8,37 +8,16 @@ from typing import Any
 
 import pytest
 
+from bench.prepare import CountingTokenizer
 from worker.corpus import load_documents
 from worker.generation import Generator, load_generator
 from worker.pipeline import prompt_fitter
 from worker.prompt import DEFAULT_TEMPLATE, PromptFitter, build_prompt
+from tests.test_microbatching import QUESTIONS as MICROBATCH_QUESTIONS
 from worker.retrieval import Retriever
 
-QUESTIONS = [
-    "How do I add more workers?",
-    "What does ragq serve start?",
-    "How are errors reported?",
-    "Which models can ragq serve?",
-    "How do I cancel a job?",
-    "What is the default model?",
-    "x",
-    "Why " * 150 + "?",
-]
-
-
-class CountingTokenizer:
-    """Counts the calls made to a tokenizer."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.calls += 1
-        return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+# The microbatching tests' questions, and two that stress fitting: a very short one, and one too long for any source.
+QUESTIONS = [*MICROBATCH_QUESTIONS, "x", "Why " * 150 + "?"]
 
 
 @pytest.fixture(scope="module", params=["t5", "phi3"])
