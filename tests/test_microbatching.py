@@ -21,7 +21,7 @@ from worker.handoff import InteractiveHandoff
 from worker.microbatcher import BACKLOG, SKIPPED, Microbatcher, MicrobatchItem, OneStage
 from worker.corpus import load_documents
 from worker.generation import Generation, Generator, load_generator
-from worker.pipeline import CallSizeCap, CallLimits, Prepared, Question, answer_microbatch, plan_calls
+from worker.pipeline import CallSizeCap, CallLimits, GenerateRequest, Prepared, Question, answer_microbatch, plan_calls
 from worker.retrieval import Retriever
 from worker.runtime import Answerer
 
@@ -63,23 +63,23 @@ class Recording:
         return self.inner.generate(prompts, params)
 
 
-def prepared(tokens: int, **params: Any) -> Prepared:
-    return Prepared([], Prompt("p", 0), params, tokens, 0.0)
+def request(tokens: int, **params: Any) -> GenerateRequest:
+    return Prepared([], Prompt("p", 0), params, tokens, 0.0).request
 
 
 def test_plan_groups_by_settings_and_sorts_by_length() -> None:
-    items = [prepared(30, num_beams=1), prepared(10, num_beams=1), prepared(20, num_beams=2), prepared(5, num_beams=1)]
-    calls = plan_calls(items, range(4), max_size=10, max_tokens=10_000)
+    items = [request(30, num_beams=1), request(10, num_beams=1), request(20, num_beams=2), request(5, num_beams=1)]
+    calls = plan_calls(items, max_size=10, max_tokens=10_000)
     assert sorted(calls) == [[2], [3, 1, 0]]
 
 
 def test_plan_respects_count_and_token_caps() -> None:
-    items = [prepared(100) for _ in range(10)]
-    assert [len(c) for c in plan_calls(items, range(10), max_size=4, max_tokens=10_000)] == [4, 4, 2]
+    items = [request(100) for _ in range(10)]
+    assert [len(c) for c in plan_calls(items, max_size=4, max_tokens=10_000)] == [4, 4, 2]
     # Padded tokens: 3 x 100 = 300 fits, 4 x 100 does not.
-    assert [len(c) for c in plan_calls(items, range(10), max_size=100, max_tokens=300)] == [3, 3, 3, 1]
-    beams = [prepared(100, num_beams=4) for _ in range(3)]
-    assert [len(c) for c in plan_calls(beams, range(3), max_size=100, max_tokens=800)] == [2, 1]
+    assert [len(c) for c in plan_calls(items, max_size=100, max_tokens=300)] == [3, 3, 3, 1]
+    beams = [request(100, num_beams=4) for _ in range(3)]
+    assert [len(c) for c in plan_calls(beams, max_size=100, max_tokens=800)] == [2, 1]
 
 
 def test_microbatch_runs_one_generate_call_per_settings_group(retriever: Retriever, t5: Generator) -> None:

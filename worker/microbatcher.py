@@ -1,17 +1,18 @@
 """Microbatching inside a worker process: the jobs that share one pass of the pipeline, in two stages.
 
 Each Celery task (one per job, on a thread of the worker's thread pool) hands its question to the
-`Microbatcher` and waits for the answer. The microbatcher runs a pipeline of two threads, so that the model
-never waits for Python between microbatches:
+`Microbatcher` and waits for the answer. Three threads keep the model from waiting for Python between
+microbatches:
 
 - the *preparer* takes the first waiting item, then whatever else arrives within `microbatch_wait_ms` (up to
   `max_microbatch_size`), and gets the microbatch ready without the model (`Stages.prepare`: statuses,
   retrieval, prompts), while the previous microbatch is still on the model;
-- the *runner* runs ready microbatches on the model (`Stages.run`), interactive ones first, one after the
-  other, and hands each job its result.
+- the *dispatcher* hands ready microbatches to the model's lane (`worker.lane`: a thread, or the engine
+  process) at once, and answers the lane when it asks to start a backlog microbatch (the hand-off);
+- the lane runs them on the model, interactive ones first, one after the other, and reports each result.
 
-At most one backlog microbatch is prepared ahead; interactive ones never wait for that. Jobs keep their own
-task, so acknowledgement, status and result stay per job.
+At most one backlog microbatch waits prepared ahead of the one on the model; interactive ones never wait for
+that. Jobs keep their own task, so acknowledgement, status and result stay per job.
 
 "Batch" is the API's word (`/v1/batches`, a user's backlog file); a microbatch may mix items of several
 batches, and never mixes interactive jobs with backlog items (see `worker.handoff`).
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from worker.handoff import InteractiveHandoff
+from worker.lane import Lane, LocalLane
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ SKIPPED = Skipped()
 INTERACTIVE = 0
 BACKLOG = 1
 _STOP = 1 << 30
-# Backlog microbatches prepared ahead of the one on the model: enough to keep the model busy.
+# Backlog microbatches prepared ahead of the one on the model (ready here or waiting in the lane): enough
+# to keep the model busy.
 BACKLOG_AHEAD = 1
 # While the model is busy, a microbatch short of its size keeps filling, as long as jobs keep coming: one
 # arrived within the last FILL_IDLE_S. The threads freed by a microbatch fetch their next messages in a burst,
@@ -100,7 +103,7 @@ class OneStage:
 
 @dataclass
 class _Ready:
-    """A prepared microbatch waiting for the runner."""
+    """A prepared microbatch, from the preparer to the lane."""
 
     items: list[MicrobatchItem]
     prepared: Any
@@ -121,29 +124,37 @@ class Microbatcher:
         wait_ms: float,
         handoff: InteractiveHandoff | None = None,
         fill_idle_s: float = FILL_IDLE_S,
+        lane: Lane | None = None,
     ) -> None:
         self.stages = stages
         self.max_size = max_size
         self.wait_s = wait_ms / 1000
         self.fill_idle_s = fill_idle_s
         self.handoff = handoff or InteractiveHandoff()
+        self.lane: Lane = lane or LocalLane(stages)
         # Interactive jobs first, then in arrival order: a job from the API joins the next microbatch even
         # when backlog items the worker already holds are waiting.
         self._queue: queue.PriorityQueue[tuple[int, int, MicrobatchItem | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
-        # Prepared microbatches, and everything the two threads wait on: a microbatch ready or launched, an
-        # interactive item submitted, stopping.
+        self._keys = itertools.count()
+        # Everything the three threads (preparer, dispatcher, the lane's) wait on: a microbatch ready, started
+        # or ended, the lane asking, an interactive item submitted, stopping.
         self._changed = threading.Condition()
         self._ready: list[_Ready] = []
+        # Handed to the lane and not ended; of those, the one on the model.
+        self._in_lane: dict[int, _Ready] = {}
+        self._running: int | None = None
+        # The backlog microbatch the lane asked to start, while unanswered.
+        self._asked: int | None = None
         # Interactive items submitted and not yet in a ready microbatch: the hand-off waits for them too.
         self._interactive_pending = 0
-        self._model_busy = False
         self._stopping = False
         self._closed = False
+        self.lane.open(self)
         self._preparer = threading.Thread(target=self._prepare_loop, name="ragq-preparer", daemon=True)
-        self._runner = threading.Thread(target=self._run_loop, name="ragq-runner", daemon=True)
+        self._dispatcher = threading.Thread(target=self._dispatch_loop, name="ragq-dispatcher", daemon=True)
         self._preparer.start()
-        self._runner.start()
+        self._dispatcher.start()
 
     def submit(self, job_id: str, payload: Any, priority: int = INTERACTIVE) -> Future[Any]:
         """Queue `payload`; the future resolves to its result, an exception, or `SKIPPED`.
@@ -168,7 +179,8 @@ class Microbatcher:
         self._closed = True
         self._queue.put((_STOP, next(self._seq), None))
         self._preparer.join(timeout=5)
-        self._runner.join(timeout=5)
+        self._dispatcher.join(timeout=5)
+        self.lane.stop()
         while True:
             try:
                 item = self._queue.get_nowait()[2]
@@ -203,10 +215,17 @@ class Microbatcher:
                 self._interactive_pending -= sum(item.priority == INTERACTIVE for item in collected)
                 self._changed.notify_all()
 
+    def _waiting_locked(self) -> list[_Ready]:
+        """Prepared microbatches not on the model yet: ready here, or waiting in the lane."""
+        return self._ready + [r for key, r in self._in_lane.items() if key != self._running]
+
     def _wait_for_room(self) -> None:
         """Wait while enough backlog is prepared ahead, unless an interactive item is waiting to be collected."""
         with self._changed:
-            while sum(r.priority == BACKLOG for r in self._ready) >= BACKLOG_AHEAD and not self._interactive_first():
+            while (
+                sum(r.priority == BACKLOG for r in self._waiting_locked()) >= BACKLOG_AHEAD
+                and not self._interactive_first()
+            ):
                 self._changed.wait()
 
     def _collect(self) -> list[MicrobatchItem] | None:
@@ -243,59 +262,86 @@ class Microbatcher:
         return microbatch
 
     def _model_cannot_take(self, priority: int) -> bool:
-        """Whether the runner is busy, or has a ready microbatch that goes before one of this priority."""
+        """Whether the model is busy, or a prepared microbatch goes before one of this priority."""
         with self._changed:
-            return self._model_busy or any(r.priority <= priority for r in self._ready)
+            return self._running is not None or any(r.priority <= priority for r in self._waiting_locked())
 
     def _interactive_first(self) -> bool:
         with self._queue.mutex:
             return bool(self._queue.queue) and self._queue.queue[0][0] == INTERACTIVE
 
-    # -- the runner --------------------------------------------------------------------------------------
+    # -- the dispatcher: hands ready microbatches to the lane, answers its asks ---------------------------
 
-    def _run_loop(self) -> None:
-        while True:
-            ready = self._next_ready()
-            if ready is None:
-                return
-            if ready.failure is not None:
-                results: Sequence[Any] = [ready.failure] * len(ready.items)
-            else:
-                try:
-                    results = list(self.stages.run(ready.items, ready.prepared))
-                    if len(results) != len(ready.items):
-                        raise RuntimeError(f"{len(results)} results for a microbatch of {len(ready.items)}")
-                except BaseException as exc:  # the runner thread must survive anything one microbatch does
-                    log.exception("microbatch of %d failed", len(ready.items))
-                    results = [exc] * len(ready.items)
-            with self._changed:
-                self._model_busy = False
-            self.handoff.microbatch_done(item.job_id for item in ready.items)
-            for item, result in zip(ready.items, results, strict=True):
-                if isinstance(result, BaseException):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result)
-
-    def _next_ready(self) -> _Ready | None:
-        """The next microbatch to run: an interactive one if any is ready; a backlog one only after the
-        hand-off has let interactive jobs on their way go first."""
+    def _dispatch_loop(self) -> None:
         while True:
             with self._changed:
-                while not self._ready and not self._stopping:
+                while not self._ready and not self._answerable_locked() and not (self._stopping and not self._in_lane):
                     self._changed.wait()
-                if not self._ready:
-                    return None
-                chosen = min(self._ready, key=lambda r: r.priority)
-            if chosen.priority == BACKLOG:
-                self.handoff.wait_before_backlog(self._interactive_ready, self._interactive_on_its_way)
-            with self._changed:
-                if chosen.priority == BACKLOG and self._interactive_ready_locked():
-                    continue  # one came meanwhile: choose again
-                self._ready.remove(chosen)
-                self._model_busy = True
-                self._changed.notify_all()
-                return chosen
+                if self._stopping and not self._ready and not self._in_lane:
+                    return
+                ready = sorted(self._ready, key=lambda r: r.priority)
+                self._ready = []
+                handed = []
+                for r in ready:
+                    if r.failure is None:
+                        key = next(self._keys)
+                        self._in_lane[key] = r
+                        handed.append((key, r))
+                asked = self._asked if self._answerable_locked() else None
+            for r in ready:
+                if r.failure is not None:
+                    self._resolve(r, [r.failure] * len(r.items))
+            for key, r in handed:
+                self.lane.submit(key, r.priority, r.items, r.prepared)
+            if not ready and asked is not None:
+                self._answer(asked)
+
+    def _answerable_locked(self) -> bool:
+        # While an interactive microbatch waits in the lane, the lane takes it first and asks again after.
+        return self._asked is not None and not self._interactive_ready_locked()
+
+    def _answer(self, key: int) -> None:
+        """Let backlog microbatch `key` start once interactive jobs on their way have gone first."""
+        self.handoff.wait_before_backlog(self._interactive_ready, self._interactive_on_its_way)
+        with self._changed:
+            if self._asked != key:
+                return  # the lane started something else meanwhile, and will ask again
+            if self._interactive_ready_locked():
+                return  # one came meanwhile: it goes first, then the lane asks again
+            self._asked = None
+        self.lane.allow(key)
+
+    # -- what the lane reports -------------------------------------------------------------------------------
+
+    def started(self, key: int) -> None:
+        with self._changed:
+            self._running = key
+            self._asked = None
+            self._changed.notify_all()
+
+    def asks(self, key: int) -> None:
+        with self._changed:
+            self._asked = key
+            self._changed.notify_all()
+
+    def done(self, key: int, results: Sequence[Any]) -> None:
+        with self._changed:
+            ready = self._in_lane.pop(key)
+            if self._running == key:
+                self._running = None
+            self._changed.notify_all()
+        self.handoff.microbatch_done(item.job_id for item in ready.items)
+        self._resolve(ready, results)
+
+    @staticmethod
+    def _resolve(ready: _Ready, results: Sequence[Any]) -> None:
+        if len(results) != len(ready.items):
+            results = [RuntimeError(f"{len(results)} results for a microbatch of {len(ready.items)}")] * len(ready.items)
+        for item, result in zip(ready.items, results, strict=True):
+            if isinstance(result, BaseException):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
 
     def _interactive_ready(self) -> bool:
         with self._changed:
@@ -306,4 +352,4 @@ class Microbatcher:
             return self._interactive_pending > 0
 
     def _interactive_ready_locked(self) -> bool:
-        return any(r.priority == INTERACTIVE for r in self._ready)
+        return any(r.priority == INTERACTIVE for r in self._waiting_locked())

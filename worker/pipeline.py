@@ -48,14 +48,12 @@ class Answer:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """A question with its retrieved documents and built prompt, ready to generate."""
+class GenerateRequest:
+    """What the model needs of one prepared question (all the engine process receives of it)."""
 
-    documents: list[dict[str, Any]]
-    prompt: Prompt
+    prompt: str
     params: dict[str, Any]
     prompt_tokens: int
-    retrieval_ms: float
 
     @property
     def group_key(self) -> tuple[tuple[str, Any], ...]:
@@ -66,6 +64,30 @@ class Prepared:
     def cost_factor(self) -> int:
         """How many sequences the model runs for this question (beams each need their own)."""
         return int(self.params.get("num_beams", 1))
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The model's answer to one request, and the `generate` call it came from."""
+
+    generation: Generation
+    generation_ms: float
+    call_size: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A question with its retrieved documents and built prompt, ready to generate."""
+
+    documents: list[dict[str, Any]]
+    prompt: Prompt
+    params: dict[str, Any]
+    prompt_tokens: int
+    retrieval_ms: float
+
+    @property
+    def request(self) -> GenerateRequest:
+        return GenerateRequest(self.prompt.text, self.params, self.prompt_tokens)
 
 
 class CallSizeCap:
@@ -121,18 +143,18 @@ def prepare_microbatch(
     return prepared
 
 
-def plan_calls(prepared: Sequence[Prepared], indices: Sequence[int], max_size: int, max_tokens: int) -> list[list[int]]:
-    """Split `indices` into `generate` calls: same settings together, sorted by length to cut padding, within caps."""
+def plan_calls(requests: Sequence[GenerateRequest], max_size: int, max_tokens: int) -> list[list[int]]:
+    """Split `requests` into `generate` calls: same settings together, sorted by length to cut padding, within caps."""
     groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
-    for i in indices:
-        groups.setdefault(prepared[i].group_key, []).append(i)
+    for i, request in enumerate(requests):
+        groups.setdefault(request.group_key, []).append(i)
     calls: list[list[int]] = []
     for members in groups.values():
-        members.sort(key=lambda i: prepared[i].prompt_tokens)
+        members.sort(key=lambda i: requests[i].prompt_tokens)
         call: list[int] = []
         for i in members:
             # Sorted ascending, so the newest member is the longest: padded size = count x its length.
-            cost = (len(call) + 1) * prepared[i].prompt_tokens * prepared[i].cost_factor
+            cost = (len(call) + 1) * requests[i].prompt_tokens * requests[i].cost_factor
             if call and (len(call) >= max_size or cost > max_tokens):
                 calls.append(call)
                 call = []
@@ -182,20 +204,42 @@ def prepare_questions(
         return [exc] * len(questions)
 
 
-def generate_prepared(prepared: Sequence[Prepared | Exception], generator: Generator, limits: CallLimits) -> list[Answer | Exception]:
-    """The second stage, on the model: one `generate` call per group of equal settings, within the limits."""
-    results: list[Answer | Exception | None] = [p if isinstance(p, Exception) else None for p in prepared]
-    ready = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
-    items: list[Prepared] = prepared  # type: ignore[assignment]  # only the `ready` indices are read
-    for call in plan_calls(items, ready, limits.cap.value, limits.max_tokens):
+def generate_requests(requests: Sequence[GenerateRequest], generator: Generator, limits: CallLimits) -> list[Generated | Exception]:
+    """The model's part (what the engine process runs): one `generate` call per group of equal settings, within
+    the limits; each request gets its generation or the exception that failed it alone."""
+    results: list[Generated | Exception | None] = [None] * len(requests)
+    for call in plan_calls(requests, limits.cap.value, limits.max_tokens):
         started = time.perf_counter()
-        prompts = [items[i].prompt.text for i in call]
-        generations = generate_isolating(generator, prompts, items[call[0]].params, limits.cap)
+        prompts = [requests[i].prompt for i in call]
+        generations = generate_isolating(generator, prompts, requests[call[0]].params, limits.cap)
         generation_ms = (time.perf_counter() - started) * 1000
         for i, generation in zip(call, generations, strict=True):
-            results[i] = generation if isinstance(generation, Exception) else _answer(items[i], generation, generation_ms, len(call))
+            results[i] = generation if isinstance(generation, Exception) else Generated(generation, generation_ms, len(call))
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def requests_of(prepared: Sequence[Prepared | Exception]) -> list[GenerateRequest]:
+    """The requests for the model: one per question that was prepared."""
+    return [p.request for p in prepared if not isinstance(p, Exception)]
+
+
+def answers_of(prepared: Sequence[Prepared | Exception], generated: Sequence[Generated | Exception]) -> list[Answer | Exception]:
+    """Put the model's results (one per `requests_of(prepared)`) together with the preparations into answers."""
+    outputs = iter(generated)
+    results: list[Answer | Exception] = []
+    for p in prepared:
+        if isinstance(p, Exception):
+            results.append(p)
+            continue
+        output = next(outputs)
+        results.append(output if isinstance(output, Exception) else _answer(p, output))
+    return results
+
+
+def generate_prepared(prepared: Sequence[Prepared | Exception], generator: Generator, limits: CallLimits) -> list[Answer | Exception]:
+    """The second stage, on the model in this process."""
+    return answers_of(prepared, generate_requests(requests_of(prepared), generator, limits))
 
 
 def answer_microbatch(
@@ -212,16 +256,17 @@ def answer_microbatch(
     return generate_prepared(prepared, generator, limits)
 
 
-def _answer(prepared: Prepared, generation: Generation, generation_ms: float, call_size: int) -> Answer:
+def _answer(prepared: Prepared, generated: Generated) -> Answer:
     used = prepared.prompt.sources_used
+    generation = generated.generation
     return Answer(
         text=generation.text,
         sources=[source_view(doc, in_prompt=rank < used) for rank, doc in enumerate(prepared.documents)],
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
         retrieval_ms=prepared.retrieval_ms,
-        generation_ms=generation_ms,
-        call_size=call_size,
+        generation_ms=generated.generation_ms,
+        call_size=generated.call_size,
     )
 
 
