@@ -51,6 +51,9 @@ class Settings:
     )
     device: str = _setting("RAGQ_DEVICE", "auto", "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N` or `mps`.")
     dtype: str = _setting("RAGQ_DTYPE", "auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16`, `float16`.")
+    engine: str = _setting(
+        "RAGQ_ENGINE", "process", "Where a worker runs its model: `process` (an engine process of its own) or `thread` (in the worker)."
+    )
     data_dir: Path = _setting("RAGQ_DATA_DIR", Path(".ragq"), "Embedded Redis data, corpus cache, fallback model.")
     prompt_template: str | None = _setting(
         "RAGQ_PROMPT_TEMPLATE_FILE", None, "File with a prompt template using `{question}` and `{context}`."
@@ -243,6 +246,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 }
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
+    "engine": {"process", "thread"},
 }
 
 

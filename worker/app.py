@@ -67,6 +67,11 @@ def create_app(settings: Settings) -> Celery:
         # visibility timeout; recording it lets the reaper send it again at once if the worker dies.
         runtime.note_reserved(resident, job_id)
 
+    def stop_model(**_: Any) -> None:
+        # After Celery's warm shutdown has let the running tasks finish: stops the engine process cleanly.
+        runtime.shutdown()
+
     signals.worker_init.connect(load_before_consuming, weak=False)
+    signals.worker_shutdown.connect(stop_model, weak=False)
     signals.task_received.connect(note_received, weak=False)
     return app

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,9 +53,17 @@ class Generator:
     padding_side: ClassVar[str]
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, label: str, max_input_tokens: int | None = None
+        self,
+        model: PreTrainedModel | None,
+        tokenizer: PreTrainedTokenizerBase,
+        label: str,
+        max_input_tokens: int | None = None,
+        config: Any = None,
     ) -> None:
+        # Without a model (`load_preparing`: the worker process when the engine process holds the model) the
+        # generator only counts tokens and builds prompts.
         self.model = model
+        self.config = config if config is not None else model.config  # type: ignore[union-attr]
         self.tokenizer = tokenizer
         self.label = label
         self.max_input_tokens = max_input_tokens
@@ -79,7 +89,7 @@ class Generator:
         """The longest input the model takes, lowered to `max_input_tokens` when that is set."""
         limit = self.tokenizer.model_max_length
         if not limit or limit >= _UNSET_MAX_LENGTH:
-            limit = getattr(self.model.config, "max_position_embeddings", None) or 512
+            limit = getattr(self.config, "max_position_embeddings", None) or 512
         if self.max_input_tokens is not None:
             limit = min(limit, self.max_input_tokens)
         return int(limit)
@@ -243,6 +253,8 @@ class SimulatedGenerator(Seq2SeqGenerator):
         for length in lengths:
             if length > budget:
                 raise GenerationError(f"prompt is {length} tokens; this model takes at most {budget}")
+        if self.spec.crash_marker is not None and any(self.spec.crash_marker in text for text in rendered):
+            os.kill(os.getpid(), signal.SIGKILL)
         completions = [self.answers.tokens(text, effective) for text in rendered]
         beams = int(effective.get("num_beams", 1))
         self.simulated_device.run(len(prompts), max(lengths), max(len(c) for c in completions), beams)
@@ -263,6 +275,20 @@ def load_simulated(source: str, label: str | None = None, max_input_tokens: int 
         raise ModelLoadError(f"model {source!r} could not be loaded: {exc}") from exc
     log.info("loaded simulated model %s (%s)", source, spec)
     return SimulatedGenerator(spec, build_sim_tokenizer(), label or source, max_input_tokens)
+
+
+def load_preparing(source: str, *, label: str | None = None, max_input_tokens: int | None = None) -> Generator:
+    """A generator without weights, for the worker process when the engine process holds the model: the model's
+    config and tokenizer, to count tokens and build prompts exactly as the model will read them."""
+    if is_simulated(source):
+        return load_simulated(source, label, max_input_tokens)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        family = FAMILIES[family_of(config)]
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"model {source!r} could not be loaded: {exc}") from exc
+    return family(None, tokenizer, label or source, max_input_tokens, config=config)
 
 
 def _until_stop(tokens: list[int], stop_ids: set[int]) -> list[int]:

@@ -20,11 +20,24 @@ from shared.models import ModelSpec
 from shared.store import JobStore, announce_worker, connect
 from worker.corpus import load_documents
 from worker.duties import Duties, start_duties
-from worker.generation import Generator, load_generator, resolve_device
+from worker.engine import EngineLane
+from worker.engine_process import EngineOptions
+from worker.generation import Generator, load_generator, load_preparing, resolve_device
 from worker.handoff import InteractiveHandoff
 from worker.ledger import Ledger
+from worker.lane import Lane, LocalLane
 from worker.microbatcher import SKIPPED, Microbatcher, MicrobatchInfo, MicrobatchItem
-from worker.pipeline import CallLimits, CallSizeCap, Prepared, generate_prepared, prepare_questions, prompt_fitter
+from worker.pipeline import (
+    CallLimits,
+    CallSizeCap,
+    GenerateRequest,
+    Prepared,
+    answers_of,
+    generate_requests,
+    prepare_questions,
+    prompt_fitter,
+    requests_of,
+)
 from worker.prompt import DEFAULT_TEMPLATE, PromptFitter, check_template
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
@@ -72,6 +85,15 @@ class PreparedMicrobatch:
 
 
 @dataclass(frozen=True)
+class Launch:
+    """A microbatch on its way to the model: the jobs still running with their preparations, and the requests
+    for the model (one per prepared job among them)."""
+
+    kept: list[tuple[int, Prepared | Exception]]
+    requests: list[GenerateRequest]
+
+
+@dataclass(frozen=True)
 class Answerer:
     """Answers microbatches in two stages (see `worker.microbatcher`): prepare without the model, then run on it."""
 
@@ -96,18 +118,26 @@ class Answerer:
         questions = [items[i].payload for i in live]
         return PreparedMicrobatch(live, prepare_questions(questions, self.retriever, self.preparing, self.fitter))
 
-    def run(self, items: Sequence[MicrobatchItem], prepared: PreparedMicrobatch) -> list[Any]:
-        """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
-        started = time.monotonic()
-        # Prepared while the microbatch before was on the model: skip what was cancelled since.
+    def launch(self, items: Sequence[MicrobatchItem], prepared: PreparedMicrobatch) -> Launch:
+        """Just before the model: skip what was cancelled since it was prepared; the requests for the model."""
         still = set(self._still_running(items, prepared.live))
         kept = [(i, p) for i, p in zip(prepared.live, prepared.prepared, strict=True) if i in still]
+        return Launch(kept, requests_of([p for _, p in kept]))
+
+    def finish(self, items: Sequence[MicrobatchItem], launch: Launch, generated: Sequence[Any], started_at: float) -> list[Any]:
+        """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
         results: list[Any] = [SKIPPED] * len(items)
-        answers = generate_prepared([p for _, p in kept], self.generator, self.limits)
-        for (i, _), result in zip(kept, answers, strict=True):
-            info = MicrobatchInfo(len(kept), (started - items[i].enqueued_at) * 1000)
+        answers = answers_of([p for _, p in launch.kept], generated)
+        for (i, _), result in zip(launch.kept, answers, strict=True):
+            info = MicrobatchInfo(len(launch.kept), (started_at - items[i].enqueued_at) * 1000)
             results[i] = result if isinstance(result, Exception) else (result, info)
         return results
+
+    def run(self, items: Sequence[MicrobatchItem], prepared: PreparedMicrobatch) -> list[Any]:
+        """The model's part in this process (`RAGQ_ENGINE=thread`): launch, generate, finish."""
+        started = time.monotonic()
+        launch = self.launch(items, prepared)
+        return self.finish(items, launch, generate_requests(launch.requests, self.generator, self.limits), started)
 
     def _still_running(self, items: Sequence[MicrobatchItem], indices: Sequence[int]) -> list[int]:
         """Those of `indices` whose jobs are still `running` (not cancelled, expired or finished meanwhile)."""
@@ -151,12 +181,46 @@ def load_model(spec: ModelSpec, settings: Settings) -> Generator:
     try:
         return load_generator(spec.source, label=spec.source, **options)
     except ModelLoadError as exc:
-        if not settings.fallback_tiny_model:
-            raise
-        path = ensure_tiny_model(settings.data_dir / "tiny-models" / "t5", "t5")
-        label = f"tiny-random-t5 (stand-in for {spec.source}, which could not be loaded; answers are gibberish)"
-        log.warning("ragq: %s cannot be loaded (%s); serving a tiny random model instead", spec.source, exc)
-        return load_generator(str(path), label=label, **options)
+        source, label = _stand_in(spec, settings, exc)
+        return load_generator(source, label=label, **options)
+
+
+def load_preparing_model(spec: ModelSpec, settings: Settings) -> tuple[Generator, str]:
+    """The model's config and tokenizer without its weights (the engine process loads those), or the stand-in's;
+    and where the engine finds the model."""
+    try:
+        return load_preparing(spec.source, label=spec.source, max_input_tokens=settings.max_input_tokens), spec.source
+    except ModelLoadError as exc:
+        source, label = _stand_in(spec, settings, exc)
+        return load_preparing(source, label=label, max_input_tokens=settings.max_input_tokens), source
+
+
+def _stand_in(spec: ModelSpec, settings: Settings, problem: ModelLoadError) -> tuple[str, str]:
+    """The tiny model's directory and label, when the configured model cannot be had and the stand-in is allowed."""
+    if not settings.fallback_tiny_model:
+        raise problem
+    path = ensure_tiny_model(settings.data_dir / "tiny-models" / "t5", "t5")
+    log.warning("ragq: %s cannot be loaded (%s); serving a tiny random model instead", spec.source, problem)
+    return str(path), f"tiny-random-t5 (stand-in for {spec.source}, which could not be loaded; answers are gibberish)"
+
+
+def model_lane(settings: Settings, answerer: Answerer, source: str) -> Lane:
+    """Where the model runs, started: the engine process (default, loading `source`) or a thread."""
+    if settings.engine == "thread":
+        return LocalLane(answerer)
+    options = EngineOptions(
+        source=source,
+        label=answerer.generator.label,
+        device=settings.device,
+        dtype=settings.dtype,
+        max_input_tokens=settings.max_input_tokens,
+        max_call_size=answerer.limits.cap.ceiling,
+        max_call_tokens=answerer.limits.max_tokens,
+        log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+    )
+    lane = EngineLane(answerer, options)
+    lane.start()
+    return lane
 
 
 def load(settings: Settings, worker_name: str) -> Resident:
@@ -165,26 +229,33 @@ def load(settings: Settings, worker_name: str) -> Resident:
     template = check_template(settings.read_prompt_template() or DEFAULT_TEMPLATE)
     documents = load_documents(settings.documents, settings.data_dir)
     retriever = Retriever(documents)
-    generator = load_model(spec, settings)
-    generator.warm_up()
+    if settings.engine == "thread":
+        generator, source = load_model(spec, settings), spec.source
+        generator.warm_up()
+    else:
+        generator, source = load_preparing_model(spec, settings)
     caps = microbatch_settings(settings)
     store = JobStore(connect(settings.effective_redis_url, threads=caps.thread_pool_size), settings.result_ttl_s)
     interactive_queue = redis_keys.model_queue(spec.name)
     handoff = InteractiveHandoff(lambda: bool(store.redis.llen(interactive_queue)))
     answerer = Answerer(store, retriever, generator, template, CallLimits(CallSizeCap(caps.max_size), caps.max_tokens))
+    lane = model_lane(settings, answerer, source)
     resident = Resident(
         settings=settings,
         worker_name=worker_name,
         store=store,
         served_by=generator.label,
-        microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff),
+        microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff, lane=lane),
         handoff=handoff,
         duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size),
         ledger=Ledger(settings.execution_ledger),
     )
     # `ragq serve` and the tests wait for this before sending work.
     announce_worker(store.redis, worker_name, spec.name)
-    log.info("ragq worker ready: model %s, %d documents, microbatches of up to %d", spec.name, len(documents), caps.max_size)
+    log.info(
+        "ragq worker ready: model %s (%s), %d documents, microbatches of up to %d",
+        spec.name, "engine process" if settings.engine == "process" else "in-process", len(documents), caps.max_size,
+    )
     return resident
 
 
@@ -199,6 +270,13 @@ def current(settings: Settings, worker_name: str | None = None) -> Resident:
         if _resident is None:
             _resident = load(settings, worker_name or socket.gethostname())
         return _resident
+
+
+def shutdown() -> None:
+    """Stop this process's microbatcher and its model's lane (the engine process), if loaded."""
+    with _load_lock:
+        if _resident is not None:
+            _resident.microbatcher.stop()
 
 
 def note_reserved(resident: Resident, job_id: str) -> None:

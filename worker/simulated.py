@@ -39,6 +39,9 @@ Answers. The tokens of a prompt's answer are drawn from a generator seeded by a 
 `</s>`; `min_new_tokens` holds the stop back, `max_new_tokens` cuts the answer. Equal prompts get equal answers
 in any call; sampling settings change nothing (the sim is always greedy).
 
+Fault injection: with `crash_marker` set, a call with a prompt holding that text SIGKILLs its own process (the
+engine process, or the worker when the model runs in-process), every time: a poison input.
+
 Limits: no memory model (no out-of-memory at any size), beams cost as independent sequences, one family only
 (an encoder-decoder's prompt budget and defaults), no speed-up from shorter prompts inside a padded call.
 """
@@ -86,6 +89,9 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+OPTIONAL_FIELDS = ("stats_file", "crash_marker")
+
+
 @dataclass(frozen=True)
 class SimSpec:
     """What a simulated model is: its limits, its time model (see the module docstring), its answers."""
@@ -101,6 +107,9 @@ class SimSpec:
     answer_min_tokens: int
     answer_max_tokens: int
     stats_file: str | None = None
+    # Fault injection (tests, bench.chaos): a call whose prompt holds this text kills the process running the
+    # simulated device with SIGKILL, as a CUDA error or the out-of-memory killer would kill a real one.
+    crash_marker: str | None = None
 
     @classmethod
     def from_fields(cls, name: str, values: dict[str, Any]) -> SimSpec:
@@ -109,7 +118,7 @@ class SimSpec:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown simulated-model fields {unknown}; known: {sorted(known)}")
-        missing = sorted(f.name for f in fields(cls) if f.name in known and f.name != "stats_file" and f.name not in values)
+        missing = sorted(f.name for f in fields(cls) if f.name in known and f.name not in OPTIONAL_FIELDS and f.name not in values)
         if missing:
             raise ValueError(f"simulated model {name!r} lacks fields {missing}")
         spec = cls(
@@ -120,6 +129,7 @@ class SimSpec:
             answer_min_tokens=int(values["answer_min_tokens"]),
             answer_max_tokens=int(values["answer_max_tokens"]),
             stats_file=None if values.get("stats_file") is None else str(values["stats_file"]),
+            crash_marker=None if values.get("crash_marker") is None else str(values["crash_marker"]),
         )
         if not 0.0 <= spec.cpu_share <= 1.0:
             raise ValueError(f"cpu_share must lie in [0, 1], not {spec.cpu_share}")
