@@ -11,6 +11,7 @@ from typing import Any
 
 from shared.errors import ConfigError
 from shared.api_keys import parse_env_keys
+from shared.devices import check_placement_settings
 from shared.models import ModelSpec, parse_model_list, parse_model_spec
 
 ENV_PREFIX = "RAGQ_"
@@ -49,10 +50,20 @@ class Settings:
     documents: str | None = _setting(
         "RAGQ_DOCUMENTS", None, "FAQ corpus: JSON file path or http(s) URL. Unset: the built-in ragq FAQ."
     )
-    device: str = _setting("RAGQ_DEVICE", "auto", "`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N` or `mps`.")
+    device: str = _setting(
+        "RAGQ_DEVICE",
+        "auto",
+        "`auto` (CUDA if present; one model spans several GPUs), `cpu`, `cuda`, `cuda:N`, `mps`, or GPUs `cuda:0,cuda:1`.",
+    )
     dtype: str = _setting("RAGQ_DTYPE", "auto", "`auto` (bf16 on CUDA, fp32 on CPU), `float32`, `bfloat16`, `float16`.")
     engine: str = _setting(
         "RAGQ_ENGINE", "process", "Where a worker runs its model: `process` (an engine process of its own) or `thread` (in the worker)."
+    )
+    max_memory: str | None = _setting(
+        "RAGQ_MAX_MEMORY",
+        None,
+        "Weight budget per device, `cuda:0=20GiB,cuda:1=20GiB,cpu=64GiB`: what does not fit goes to the next device, "
+        "then the CPU, then disk. Unset: accelerate measures free memory.",
     )
     data_dir: Path = _setting("RAGQ_DATA_DIR", Path(".ragq"), "Embedded Redis data, corpus cache, fallback model.")
     prompt_template: str | None = _setting(
@@ -151,6 +162,7 @@ class Settings:
                 parse_env_keys(self.api_keys)
             except ConfigError as exc:
                 raise ConfigError(f"RAGQ_API_KEYS: {exc.message}") from None
+        check_placement_settings(self.device, self.max_memory)
         if self.worker_model is not None and self.worker_model not in names:
             raise ConfigError(f"RAGQ_WORKER_MODEL {self.worker_model!r} is not served; served: {', '.join(names)}")
 
@@ -258,10 +270,6 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
         if f.name in _CHOICES:
             if raw not in _CHOICES[f.name]:
                 raise ValueError(f"must be one of {', '.join(sorted(_CHOICES[f.name]))}")
-            return raw
-        if f.name == "device":
-            if raw not in {"auto", "cpu", "cuda", "mps"} and not (raw.startswith("cuda:") and raw[5:].isdigit()):
-                raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
             return raw
         if f.type in ("bool",):
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:

@@ -2,8 +2,8 @@
 
 - No import cycles between modules.
 - `shared` imports nothing from `api`, `worker` or `cli`: it is what the API and the workers both use.
-- `api` never loads `worker`, torch or transformers, not even through another module.
-- `cli` loads nothing from `api` or `worker`, and neither torch nor transformers: it starts the API and the workers
+- `api` never loads `worker`, torch, transformers or accelerate, not even through another module.
+- `cli` loads nothing from `api` or `worker`, nor torch, transformers or accelerate: it starts the API and the workers
   as processes (`python -m api`, `python -m worker`, `python -m worker.model_check`), never imports them. There is
   no exception to list: `ragq worker` and `ragq api` exec those programs.
 
@@ -30,7 +30,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("api", "worker", "shared", "cli")
-HEAVY = ("torch", "transformers")
+HEAVY = ("torch", "transformers", "accelerate")
 
 
 @dataclass

@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -44,6 +45,9 @@ class EngineOptions:
     max_call_size: int
     max_call_tokens: int
     log_level: str = "INFO"
+    # Placement across devices (`worker.placement`): RAGQ_MAX_MEMORY, and where offloaded weights go.
+    max_memory: str | None = None
+    offload_dir: str | None = None
 
 
 class EngineCrash(GenerationError):
@@ -69,12 +73,16 @@ def serve(conn: Connection, options: EngineOptions) -> None:
             dtype=options.dtype,
             label=options.label,
             max_input_tokens=options.max_input_tokens,
+            max_memory=options.max_memory,
+            offload_dir=None if options.offload_dir is None else Path(options.offload_dir),
         )
         generator.warm_up()
     except BaseException as exc:  # the worker reports it and exits: a model that cannot load is a configuration error
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     info = {"pid": os.getpid(), "label": generator.label, "device": str(generator.device), "load_s": round(time.monotonic() - started, 3)}
+    if generator.placement is not None:
+        info["placement"] = generator.placement.to_dict()
     conn.send(("ready", info))
     log.info("engine ready: %s on %s, loaded in %.1f s", generator.label, generator.device, info["load_s"])
     lane = LaneQueue()

@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +22,7 @@ from transformers import (
 )
 
 from shared.errors import ModelLoadError
+from worker.placement import PlacementReport, input_device, load_placed, plan_placement, primary_device
 from worker.simulated import AnswerMaker, SimSpec, SimulatedDevice, build_sim_tokenizer, is_simulated, load_spec
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ class Generator:
     auto_class: ClassVar[type]
     defaults: ClassVar[dict[str, Any]]
     padding_side: ClassVar[str]
+    # Where `load_generator` put the model (`worker.placement`); None for a generator built otherwise.
+    placement: PlacementReport | None = None
 
     def __init__(
         self,
@@ -73,7 +77,8 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        """Where inputs go: the model's device, or its input embeddings' when accelerate spread it."""
+        return input_device(self.model)
 
     def for_preparing(self) -> Generator:
         """This generator for another thread that only prepares prompts (counts tokens, never generates): same
@@ -311,10 +316,8 @@ def family_of(config: Any) -> str:
 
 
 def resolve_device(device: str) -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """`auto` picks CUDA when present, else the CPU; a list of GPUs, its first."""
+    return primary_device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -331,18 +334,27 @@ def load_generator(
     dtype: str = "auto",
     label: str | None = None,
     max_input_tokens: int | None = None,
+    max_memory: str | None = None,
+    offload_dir: Path | None = None,
 ) -> Generator:
-    """Load a model from a Hugging Face id or local directory with `from_pretrained`, or a simulated one."""
+    """Load a model from a Hugging Face id or local directory with `from_pretrained`, or a simulated one.
+
+    The weights go straight to their device(s) (`worker.placement`): one device, or spread by accelerate within
+    `max_memory` (`RAGQ_MAX_MEMORY`), offloading to the CPU and then to disk under `offload_dir`.
+    """
     if is_simulated(source):
         return load_simulated(source, label, max_input_tokens)
     try:
         config = AutoConfig.from_pretrained(source)
         family = FAMILIES[family_of(config)]
         torch_device = resolve_device(device)
+        placement = plan_placement(device, resolve_dtype(dtype, torch_device), max_memory, offload_dir)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = family.auto_class.from_pretrained(source, dtype=resolve_dtype(dtype, torch_device))
+        model, report = load_placed(family.auto_class, source, placement)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"model {source!r} could not be loaded: {exc}") from exc
-    model.to(torch_device).eval()
-    log.info("loaded %s (%s) on %s", source, family.family, torch_device)
-    return family(model, tokenizer, label or source, max_input_tokens)
+    model.eval()
+    log.info("loaded %s (%s): %s", source, family.family, report.summary())
+    generator = family(model, tokenizer, label or source, max_input_tokens)
+    generator.placement = report
+    return generator

@@ -178,6 +178,7 @@ class Resident:
 def load_model(spec: ModelSpec, settings: Settings) -> Generator:
     """The model for `spec`, or the tiny stand-in when allowed and the real one cannot be had."""
     options: dict[str, Any] = {"device": settings.device, "dtype": settings.dtype, "max_input_tokens": settings.max_input_tokens}
+    options |= {"max_memory": settings.max_memory, "offload_dir": settings.data_dir / "offload"}
     try:
         return load_generator(spec.source, label=spec.source, **options)
     except ModelLoadError as exc:
@@ -217,6 +218,8 @@ def model_lane(settings: Settings, answerer: Answerer, source: str) -> Lane:
         max_call_size=answerer.limits.cap.ceiling,
         max_call_tokens=answerer.limits.max_tokens,
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        max_memory=settings.max_memory,
+        offload_dir=str(settings.data_dir / "offload"),
     )
     lane = EngineLane(answerer, options)
     lane.start()
