@@ -3,16 +3,21 @@ crashes the engine every time fails alone, interactive microbatches still go fir
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from shared.config import Settings
 from shared.jobs import Job, JobStatus
+from shared.models import ModelSpec
 from shared.store import JobStore
 from worker.corpus import load_documents
 from worker.engine import EngineLane
@@ -152,3 +157,62 @@ def test_a_model_the_engine_cannot_load_is_a_load_error(store: JobStore, retriev
     lane = EngineLane(answerer, EngineOptions(str(broken), "broken", "cpu", "auto", None, 4, 1 << 30))
     with pytest.raises(ModelLoadError, match="could not be loaded"):
         lane.start()
+
+
+def engine_pid(worker_pid: int) -> int:
+    """The engine process below a worker (spawned: its command line names multiprocessing's spawn entry)."""
+    from tests.helpers import descendants
+
+    for pid in descendants(worker_pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            return pid
+    raise AssertionError(f"no engine process below worker {worker_pid}")
+
+
+def test_a_real_worker_survives_its_engines_death_and_answers_every_job_once(
+    settings: Settings, redis_client: redis.Redis, sim_dir: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from api import create_app
+    from tests.helpers import alive, start_worker
+
+    ledger = tmp_path / "ledger.jsonl"
+    worker_settings = dataclasses.replace(
+        settings,
+        extra_models=(*settings.extra_models, ModelSpec("sim-engine", str(sim_dir))),
+        execution_ledger=ledger,
+        max_microbatch_size=8,
+    )
+    worker = start_worker(worker_settings, "sim-engine", redis_client)
+    try:
+        client = create_app(worker_settings).test_client()
+        questions = [*(f"How do workers scale, take {i}?" for i in range(23)), f"{POISON} in a question"]
+        ids = [
+            client.post("/v1/jobs", json={"question": q, "model": "sim-engine", "params": PARAMS}).get_json()["id"]
+            for q in questions
+        ]
+        deadline = time.monotonic() + 30
+        while not any(client.get(f"/v1/jobs/{i}").get_json()["status"] == "running" for i in ids[:8]):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first_engine = engine_pid(worker.process.pid)
+        os.kill(first_engine, signal.SIGKILL)
+        jobs = [client.get(f"/v1/jobs/{i}?wait=60").get_json() for i in ids]
+        for _ in range(5):  # the poison job takes several restarts
+            jobs = [job if job["status"] in ("succeeded", "failed") else client.get(f"/v1/jobs/{job['id']}?wait=60").get_json() for job in jobs]
+        assert [job["status"] for job in jobs[:-1]] == ["succeeded"] * 23, [job.get("error") for job in jobs]
+        assert jobs[-1]["status"] == "failed" and jobs[-1]["error"]["type"] == "engine_crash"
+        # Exactly one stored result per job, and the worker never died: nothing was sent again.
+        results = [json.loads(line) for line in ledger.read_text().splitlines()]
+        stored = Counter(r["job_id"] for r in results if r["event"] == "result")
+        assert stored == Counter(ids)
+        assert alive(worker.process.pid) and engine_pid(worker.process.pid) != first_engine
+        again = client.post("/v1/jobs", json={"question": QUESTIONS[0], "model": "sim-engine", "params": PARAMS}).get_json()
+        assert client.get(f"/v1/jobs/{again['id']}?wait=60").get_json()["status"] == "succeeded"
+    finally:
+        worker.stop()
