@@ -29,8 +29,8 @@ def _ticks_per_s() -> int:
     return int(os.sysconf("SC_CLK_TCK"))
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of `pid` and its live descendants so far, from /proc (0 for a finished one)."""
+def _process_table() -> dict[int, list[str]]:
+    """The fields after the command name of /proc/PID/stat, for every live process."""
     stats: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -39,15 +39,42 @@ def process_tree_cpu_s(pid: int) -> float:
                 stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
+    return stats
+
+
+def _tree(pid: int, stats: dict[int, list[str]]) -> set[int]:
     tree, frontier = {pid}, [pid]
     while frontier:
         parent = frontier.pop()
         children = [p for p, fields in stats.items() if int(fields[1]) == parent and p not in tree]
         tree.update(children)
         frontier.extend(children)
+    return tree
+
+
+def _cpu_s(pids: set[int], stats: dict[int, list[str]]) -> float:
     # utime and stime are fields 14 and 15 of /proc/PID/stat, the 12th and 13th after the command name.
-    ticks = sum(int(stats[p][11]) + int(stats[p][12]) for p in tree if p in stats)
-    return ticks / _ticks_per_s()
+    return sum(int(stats[p][11]) + int(stats[p][12]) for p in pids if p in stats) / _ticks_per_s()
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of `pid` and its live descendants so far, from /proc (0 for a finished one)."""
+    stats = _process_table()
+    return _cpu_s(_tree(pid, stats), stats)
+
+
+def worker_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds of a worker process and of its engine process (spawned by multiprocessing, with descendants)."""
+    stats = _process_table()
+    tree = _tree(pid, stats)
+    engine: set[int] = set()
+    for child in tree - {pid}:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                engine |= _tree(child, stats)
+        except OSError:
+            continue
+    return _cpu_s(tree - engine, stats), _cpu_s(engine, stats)
 
 
 def device_busy_s(stats_file: Path, start: float, end: float) -> float:
@@ -165,12 +192,17 @@ class Stack:
         return workers
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds so far of the API, of the workers and of Redis (each process with its descendants)."""
-        used = {"api": 0.0, "worker": 0.0, "redis": process_tree_cpu_s(self.redis.process.pid)}
+        """CPU seconds so far of the API, of the workers, of their engine processes and of Redis (each process with
+        its descendants)."""
+        used = {"api": 0.0, "worker": 0.0, "engine": 0.0, "redis": process_tree_cpu_s(self.redis.process.pid)}
         for child in self.children:
             # Children run `python -m PACKAGE ...`.
             package = str(list(child.args)[2])  # type: ignore[arg-type]
-            if package in used:
+            if package == "worker":
+                worker_s, engine_s = worker_cpu_s(child.pid)
+                used["worker"] += worker_s
+                used["engine"] += engine_s
+            elif package in used:
                 used[package] += process_tree_cpu_s(child.pid)
         return used
 

@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated runs to skip: a, b, c")
     parser.add_argument("--cpu-share", type=float, help="simulated shapes: share of each step holding the GIL (0-1)")
     parser.add_argument("--submit", choices=("jobs", "batch"), help="(c) as jobs over HTTP or one batch (default: batch for sim)")
+    parser.add_argument("--engine", choices=("process", "thread"), default="process", help="(c): RAGQ_ENGINE of the worker")
     parser.add_argument("--data", type=Path, default=DATA, help=f"course data folder (default {DATA})")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 "RAGQ_DEVICE": args.device,
                 "RAGQ_MAX_BATCH_SIZE": str(microbatch_size),
                 "RAGQ_MAX_BATCH_TOKENS": str(args.max_microbatch_tokens),
+                "RAGQ_ENGINE": args.engine,
             },
         )
         cpu_ms_per_job: dict[str, float] = {}
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"shape {args.shape}, device {args.device}, n {n}, {new_tokens} new tokens per question, beams {args.num_beams}")
     if simulated:
-        print(f"simulated accelerator, cpu_share {cpu_share}, (c) submitted as {submit}")
+        print(f"simulated accelerator, cpu_share {cpu_share}, (c) submitted as {submit}, worker engine: {args.engine}")
     print(f"{'run':<38} {'n':>6} {'q/s':>9} {'tok/s':>10} {'p50 ms':>9} {'p95 ms':>9}")
     for run in runs.values():
         p50, p95 = run.percentile(0.5), run.percentile(0.95)
@@ -366,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         "system_tokens_per_s": runs["c"].tokens_per_s if "c" in runs else None,
         "submit": submit,
         "cpu_share": cpu_share,
+        "engine": args.engine,
         "device_busy_fraction": busy.get("c"),
         "inprocess_device_busy_fraction": busy.get("b"),
         "system_cpu_ms_per_job": cpu_ms_per_job if "c" in runs else None,
