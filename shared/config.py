@@ -59,6 +59,11 @@ class Settings:
     engine: str = _setting(
         "RAGQ_ENGINE", "process", "Where a worker runs its model: `process` (an engine process of its own) or `thread` (in the worker)."
     )
+    continuous_batching: str = _setting(
+        "RAGQ_CONTINUOUS_BATCHING",
+        "auto",
+        "`auto`: decoder-only models (Phi-3) answer greedy jobs by continuous batching where transformers supports it; `off`: static microbatches.",
+    )
     max_memory: str | None = _setting(
         "RAGQ_MAX_MEMORY",
         None,
@@ -259,6 +264,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "engine": {"process", "thread"},
+    "continuous_batching": {"auto", "off"},
 }
 
 

@@ -222,3 +222,25 @@ def test_benchmark_runs_and_its_answers_agree(tmp_path: Path) -> None:
     runs = {row["run"]: row for row in figures["runs"]}
     assert set(runs) == {"static-16", "static-32", "continuous", "continuous-all"}
     assert all(row["prompts"] == 8 and row["tokens"] > 0 and row["equal_to_static_16"] == 8 for row in runs.values())
+
+
+def test_a_phi3_generator_answers_greedy_calls_by_continuous_batching_with_static_tokens(tiny_models: dict[str, Path]) -> None:
+    from worker.generation import ChatGenerator, enable_continuous, load_generator
+
+    static = load_generator(str(tiny_models["phi3"]), device="cpu")
+    continuous = load_generator(str(tiny_models["phi3"]), device="cpu")
+    assert isinstance(continuous, ChatGenerator)
+    if not enable_continuous(continuous, cache_tokens=4096):
+        pytest.skip("the installed transformers cannot run continuous batching for this model")
+    prompts = ["How do I add workers?", "What is ragq? " * 6, "Cancel a job, please.", "x " * 40]
+    greedy = {"num_beams": 1, "max_new_tokens": 12}
+    expected = static.generate(prompts, greedy)
+    for _ in range(2):  # the session stays for the next call
+        assert [g.token_ids for g in continuous.generate(prompts, greedy)] == [g.token_ids for g in expected]
+        assert continuous._session is not None
+    # A call continuous batching would answer differently goes static, and the session is stopped first.
+    with_min = {"num_beams": 1, "max_new_tokens": 12, "min_new_tokens": 12}
+    assert [g.token_ids for g in continuous.generate(prompts, with_min)] == [g.token_ids for g in static.generate(prompts, with_min)]
+    assert continuous._session is None
+    # The T5 family never turns it on.
+    assert not enable_continuous(load_generator(str(tiny_models["t5"]), device="cpu"), cache_tokens=4096)

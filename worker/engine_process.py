@@ -26,7 +26,7 @@ from pathlib import Path
 from multiprocessing.connection import Connection
 from typing import Any
 
-from worker.generation import GenerationError, load_generator
+from worker.generation import GenerationError, enable_continuous, load_generator
 from worker.lane import LaneQueue
 from worker.pipeline import CallLimits, CallSizeCap, Generated, generate_requests
 
@@ -48,6 +48,9 @@ class EngineOptions:
     # Placement across devices (`worker.placement`): RAGQ_MAX_MEMORY, and where offloaded weights go.
     max_memory: str | None = None
     offload_dir: str | None = None
+    # RAGQ_CONTINUOUS_BATCHING: for decoder-only models, with a paged cache of this many tokens.
+    continuous: bool = False
+    continuous_cache_tokens: int = 1 << 16
 
 
 class EngineCrash(GenerationError):
@@ -76,11 +79,14 @@ def serve(conn: Connection, options: EngineOptions) -> None:
             max_memory=options.max_memory,
             offload_dir=None if options.offload_dir is None else Path(options.offload_dir),
         )
+        if options.continuous:
+            enable_continuous(generator, options.continuous_cache_tokens)
         generator.warm_up()
     except BaseException as exc:  # the worker reports it and exits: a model that cannot load is a configuration error
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
     info = {"pid": os.getpid(), "label": generator.label, "device": str(generator.device), "load_s": round(time.monotonic() - started, 3)}
+    info["continuous_batching"] = getattr(generator, "continuous", False)
     if generator.placement is not None:
         info["placement"] = generator.placement.to_dict()
     conn.send(("ready", info))

@@ -23,6 +23,7 @@ from transformers import (
 
 from shared.errors import ModelLoadError
 from worker.placement import PlacementReport, input_device, load_placed, plan_placement, primary_device
+from worker.continuous import ContinuousFailed, ContinuousSession, ContinuousUnsupported, unsupported_reason
 from worker.simulated import AnswerMaker, SimSpec, SimulatedDevice, build_sim_tokenizer, is_simulated, load_spec
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,89 @@ class ChatGenerator(Generator):
 
     def _new_tokens(self, output: torch.Tensor, input_length: int) -> torch.Tensor:
         return output[:, input_length:]
+
+    # Continuous batching (`worker.continuous`, RAGQ_CONTINUOUS_BATCHING): on for greedy calls when the loader
+    # says so and transformers can run this model; the session (and its paged cache) stays for the next call.
+    continuous: bool = False
+    continuous_cache_tokens: int = 1 << 16
+    _session: ContinuousSession | None = None
+
+    def generate(self, prompts: list[str], params: dict[str, Any]) -> list[Generation]:
+        """Greedy calls by continuous batching where it runs (the same tokens as static `generate`), else static."""
+        effective = self.effective_params(params)
+        if self.continuous and _plain_greedy(effective):
+            try:
+                return self._generate_continuous(prompts, effective)
+            except ContinuousUnsupported as exc:
+                log.info("continuous batching not used for this call: %s", exc)
+            except ContinuousFailed as exc:
+                log.warning("continuous batching failed (%s); answering with static generate", exc)
+                self._stop_session()
+        else:
+            # The manager switches the model's attention while it runs: static `generate` needs it back.
+            self._stop_session()
+        return super().generate(prompts, params)
+
+    @torch.inference_mode()
+    def _generate_continuous(self, prompts: list[str], effective: dict[str, Any]) -> list[Generation]:
+        rendered = [self.render(p) for p in prompts]
+        ids = self.tokenizer(rendered, add_special_tokens=self._add_special_tokens).input_ids
+        budget = self.prompt_budget(effective)
+        for prompt_ids in ids:
+            if len(prompt_ids) > budget:
+                raise GenerationError(f"prompt is {len(prompt_ids)} tokens; this model takes at most {budget}")
+        if self._session is None:
+            assert self.model is not None
+            session = ContinuousSession(
+                self.model,
+                eos_token_ids=self._stop_ids(),
+                pad_token_id=int(self.tokenizer.pad_token_id),
+                cache_tokens=self.continuous_cache_tokens,
+            )
+            session.start()
+            self._session = session
+        max_new = int(effective["max_new_tokens"])
+        if any(len(p) + max_new > self._session.cache_tokens for p in ids):
+            # Checked before any is submitted, so none is left behind in the session.
+            raise ContinuousUnsupported(f"a prompt and its {max_new} new tokens do not fit the cache of {self._session.cache_tokens}")
+        requests = [self._session.submit(p, max_new_tokens=max_new) for p in ids]
+        outcomes = self._session.wait(requests)
+        results = []
+        for prompt_ids, request in zip(ids, requests, strict=True):
+            outcome = outcomes[request]
+            if isinstance(outcome, ContinuousFailed):
+                raise outcome
+            completion = _until_stop(list(outcome), self._stop_ids())
+            text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
+            results.append(Generation(text, len(prompt_ids), len(completion), tuple(completion)))
+        return results
+
+    def _stop_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.stop()
+
+
+def enable_continuous(generator: Generator, cache_tokens: int) -> bool:
+    """Turn continuous batching on for a decoder-only model transformers can run it for; whether it is on."""
+    if not isinstance(generator, ChatGenerator) or generator.model is None:
+        return False
+    reason = unsupported_reason(generator.model)
+    if reason is not None:
+        log.info("continuous batching off for %s: %s", generator.label, reason)
+        return False
+    generator.continuous = True
+    generator.continuous_cache_tokens = cache_tokens
+    return True
+
+
+def _plain_greedy(effective: dict[str, Any]) -> bool:
+    """Settings continuous batching answers exactly as static greedy `generate` does."""
+    return (
+        set(effective) <= {"num_beams", "max_new_tokens", "do_sample"}
+        and int(effective.get("num_beams", 1)) == 1
+        and not effective.get("do_sample")
+    )
 
 
 class SimulatedGenerator(Seq2SeqGenerator):

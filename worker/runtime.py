@@ -22,7 +22,7 @@ from worker.corpus import load_documents
 from worker.duties import Duties, start_duties
 from worker.engine import EngineLane
 from worker.engine_process import EngineOptions
-from worker.generation import Generator, load_generator, load_preparing, resolve_device
+from worker.generation import Generator, enable_continuous, load_generator, load_preparing, resolve_device
 from worker.handoff import InteractiveHandoff
 from worker.ledger import Ledger
 from worker.lane import Lane, LocalLane
@@ -175,6 +175,11 @@ class Resident:
         return self.settings.worker_spec.name
 
 
+def continuous_cache_tokens(caps: MicrobatchSettings) -> int:
+    """The paged cache of continuous batching: twice a static call's padded prompt tokens, for prompts and answers."""
+    return 2 * caps.max_tokens
+
+
 def load_model(spec: ModelSpec, settings: Settings) -> Generator:
     """The model for `spec`, or the tiny stand-in when allowed and the real one cannot be had."""
     options: dict[str, Any] = {"device": settings.device, "dtype": settings.dtype, "max_input_tokens": settings.max_input_tokens}
@@ -220,6 +225,8 @@ def model_lane(settings: Settings, answerer: Answerer, source: str) -> Lane:
         log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         max_memory=settings.max_memory,
         offload_dir=str(settings.data_dir / "offload"),
+        continuous=settings.continuous_batching == "auto",
+        continuous_cache_tokens=continuous_cache_tokens(microbatch_settings(settings)),
     )
     lane = EngineLane(answerer, options)
     lane.start()
@@ -232,12 +239,14 @@ def load(settings: Settings, worker_name: str) -> Resident:
     template = check_template(settings.read_prompt_template() or DEFAULT_TEMPLATE)
     documents = load_documents(settings.documents, settings.data_dir)
     retriever = Retriever(documents)
+    caps = microbatch_settings(settings)
     if settings.engine == "thread":
         generator, source = load_model(spec, settings), spec.source
+        if settings.continuous_batching == "auto":
+            enable_continuous(generator, continuous_cache_tokens(caps))
         generator.warm_up()
     else:
         generator, source = load_preparing_model(spec, settings)
-    caps = microbatch_settings(settings)
     store = JobStore(connect(settings.effective_redis_url, threads=caps.thread_pool_size), settings.result_ttl_s)
     interactive_queue = redis_keys.model_queue(spec.name)
     handoff = InteractiveHandoff(lambda: bool(store.redis.llen(interactive_queue)))
