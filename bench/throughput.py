@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Phi3Config
 
 from bench.common import Stack, device_busy_s, run_batch
 from worker.corpus import load_documents
-from worker.generation import Generator, SimulatedGenerator, load_generator
+from worker.generation import Generator, SimulatedGenerator, enable_continuous, load_generator
 from worker.pipeline import CallLimits, CallSizeCap, Question, answer, answer_microbatch
 from worker.retrieval import Retriever
 from worker.simulated import BUILTIN_SPECS, write_spec_dir
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-share", type=float, help="simulated shapes: share of each step holding the GIL (0-1)")
     parser.add_argument("--submit", choices=("jobs", "batch"), help="(c) as jobs over HTTP or one batch (default: batch for sim)")
     parser.add_argument("--engine", choices=("process", "thread"), default="process", help="(c): RAGQ_ENGINE of the worker")
+    parser.add_argument(
+        "--continuous", choices=("auto", "off"), default="auto", help="decoder-only shapes: continuous batching in (b) and (c)"
+    )
     parser.add_argument("--data", type=Path, default=DATA, help=f"course data folder (default {DATA})")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
@@ -286,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     retriever = Retriever(load_documents(str(args.data / "documents.json"), work))
     runs: dict[str, Run] = {}
     generator = load_generator(str(model_dir), device=args.device)
+    if args.continuous == "auto":
+        enable_continuous(generator, 2 * args.max_microbatch_tokens)
     generator.warm_up()
     if "a" not in skip:
         seed_questions = questions[: args.seed_n or (SIM_SEED_N if simulated else n)]
@@ -308,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 "RAGQ_MAX_BATCH_SIZE": str(microbatch_size),
                 "RAGQ_MAX_BATCH_TOKENS": str(args.max_microbatch_tokens),
                 "RAGQ_ENGINE": args.engine,
+                "RAGQ_CONTINUOUS_BATCHING": args.continuous,
             },
         )
         cpu_ms_per_job: dict[str, float] = {}
@@ -369,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "submit": submit,
         "cpu_share": cpu_share,
         "engine": args.engine,
+        "continuous": args.continuous,
         "device_busy_fraction": busy.get("c"),
         "inprocess_device_busy_fraction": busy.get("b"),
         "system_cpu_ms_per_job": cpu_ms_per_job if "c" in runs else None,
