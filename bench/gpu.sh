@@ -13,10 +13,10 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 # Each shape as shape[:continuous]: phi-3-mini twice, static microbatches and continuous batching, in (b) and (c).
 for run in ${RUNS:-flan-t5-xl phi-3-mini:off phi-3-mini:auto}; do
   shape=${run%%:*}; continuous=${run#*:}; [ "$continuous" = "$run" ] && continuous=off
-  timeout "${SHAPE_TIMEOUT_S:-150}" python3 -m bench.throughput --device cuda --shape "$shape" --skip a \
+  timeout "${SHAPE_TIMEOUT_S:-110}" python3 -m bench.throughput --device cuda --shape "$shape" --skip a \
     --continuous "$continuous" --n "${N:-2048}" --data .gpu/data --json "$OUT/$shape-$continuous-cuda.json" \
     2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT/$shape-$continuous-cuda.log"
 done
 # The simulated spec against the real shape's timings: the same command on the simulated H200.
-timeout 150 python3 -m bench.throughput --shape sim-xl --skip a --n 1024 --data .gpu/data --json "$OUT/sim-xl.json" \
+timeout 100 python3 -m bench.throughput --shape sim-xl --skip a --n 1024 --data .gpu/data --json "$OUT/sim-xl.json" \
   2>&1 | tee "$OUT/sim-xl.log"
