@@ -245,7 +245,11 @@ class EngineLane:
         with self._lock:
             microbatch = self._microbatches.pop(key)
         started_at = microbatch.started_at or time.monotonic()
-        results = self.answerer.finish(microbatch.items, microbatch.launch, microbatch.results, started_at)
+        try:
+            results = self.answerer.finish(microbatch.items, microbatch.launch, microbatch.results, started_at)
+        except Exception as exc:  # the reader thread must survive anything one microbatch does
+            log.exception("finishing microbatch %d failed", key)
+            results = [exc] * len(microbatch.items)
         assert self._events is not None
         self._events.done(key, results)
 

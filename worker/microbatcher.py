@@ -292,7 +292,14 @@ class Microbatcher:
                 if r.failure is not None:
                     self._resolve(r, [r.failure] * len(r.items))
             for key, r in handed:
-                self.lane.submit(key, r.priority, r.items, r.prepared)
+                try:
+                    self.lane.submit(key, r.priority, r.items, r.prepared)
+                except Exception as exc:  # the dispatcher must survive anything one microbatch does
+                    log.exception("handing a microbatch of %d to the model failed", len(r.items))
+                    with self._changed:
+                        self._in_lane.pop(key, None)
+                        self._changed.notify_all()
+                    self._resolve(r, [exc] * len(r.items))
             if not ready and asked is not None:
                 self._answer(asked)
 
