@@ -40,8 +40,8 @@ def create() -> tuple[Response, int, dict[str, str]]:
     options: Any = parsed.options
     if options.callback_url and not api.settings.callback_secret:
         raise ValidationFailed("callback_url needs RAGQ_CALLBACK_SECRET to be configured on the server (callbacks are signed)")
-    if options.callback_url and not api.settings.callback_allow_private:
-        problem = non_public_reason(options.callback_url)
+    if options.callback_url:
+        problem = non_public_reason(options.callback_url, api.settings.callback_ports, api.settings.callback_allow_private)
         if problem:
             raise ValidationFailed(f"callback_url {problem}; see RAGQ_CALLBACK_ALLOW_PRIVATE", details=[{"field": "callback_url"}])
     batch = Batch.new(

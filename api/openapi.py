@@ -201,6 +201,12 @@ def build_document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/callbacks/secret": {
+                "get": {
+                    "summary": "The tenant's secret for verifying batch callbacks (Ragq-Signature)",
+                    "responses": {"200": {"description": "secret, header, scheme, tolerance_s"}, "404": _error("Callbacks not configured")},
+                }
+            },
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {
                 "get": {

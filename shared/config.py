@@ -13,6 +13,8 @@ from shared.errors import ConfigError
 from shared.api_keys import parse_env_keys
 from shared.devices import check_placement_settings
 from shared.models import ModelSpec, parse_model_list, parse_model_spec
+from shared.netguard import DEFAULT_PORTS as DEFAULT_CALLBACK_PORTS
+from shared.netguard import parse_ports
 
 ENV_PREFIX = "RAGQ_"
 
@@ -131,6 +133,9 @@ class Settings:
     )
     callback_allow_private: bool = _setting(
         "RAGQ_CALLBACK_ALLOW_PRIVATE", False, "Allow callback URLs on loopback or private networks (refused by default)."
+    )
+    callback_ports: str = _setting(
+        "RAGQ_CALLBACK_PORTS", DEFAULT_CALLBACK_PORTS, "Ports a callback may go to on a public address (any port on an allowed private one)."
     )
     api_keys: str | None = _setting(
         "RAGQ_API_KEYS", None, "API keys as `tenant:key,...` (for development; prefer a keys file).", secret=True
@@ -260,6 +265,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "data_dir": Path,
     "execution_ledger": Path,
     "api_keys_file": Path,
+    "callback_ports": lambda raw: ",".join(str(port) for port in sorted(parse_ports(raw))),
 }
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},

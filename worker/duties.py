@@ -102,7 +102,9 @@ class Duties:
             heartbeat=Heartbeat(store.redis, worker_name),
             feeder=Feeder(batches, celery, model_name, feed_depth),
             expiry=Expiry(batches),
-            callbacks=CallbackSender(batches, settings.callback_secret, settings.callback_allow_private),
+            callbacks=CallbackSender(
+                batches, settings.callback_secret, settings.callback_allow_private, callback_ports=settings.callback_ports
+            ),
             reaper=Reaper(store, celery, worker_name, settings.max_attempts, settings.task_time_limit_s),
             audit=MessageAudit(store, celery, model_name),
         )
