@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[errors.RagqError], int] = {
     errors.BadRequest: 400,
     errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
@@ -74,6 +75,16 @@ def init_app(app: Flask) -> None:
             return error_response(503, errors.Unavailable.type, "the job store (Redis) is full; retry later")
         log.exception("redis error")
         return error_response(500, "internal_error", "internal server error")
+
+    @app.errorhandler(RecursionError)
+    @app.errorhandler(ValueError)
+    def unparseable_json(exc: Exception) -> tuple[Response, int]:
+        # json.loads refuses integers of more than sys.get_int_max_str_digits() digits with ValueError and
+        # overflows the stack on `[` x 30,000: both are the client's malformed input wherever a view parses
+        # JSON (api.jobs.parse_json turns them into 400 itself). Any other ValueError is our bug.
+        if isinstance(exc, RecursionError) or "integer string conversion" in str(exc):
+            return error_response(400, errors.BadRequest.type, "JSON is nested too deeply or has a number too long to read")
+        return unexpected(exc)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> tuple[Response, int]:

@@ -75,7 +75,9 @@ def read(job_id: str) -> dict[str, Any]:
     wait_s = parse_wait(request.args.get("wait"))
     job = owned_job(job_id)
     if wait_s > 0 and not job.status.is_final:
-        job = state.get().store.wait_until_final(job_id, wait_s)
+        api = state.get()
+        with api.events.slot(tenancy.tenant()):
+            job = api.store.wait_until_final(job_id, wait_s, api.events)
     return job.to_public()
 
 
@@ -103,8 +105,10 @@ def parse_json(raw: bytes) -> Any:
     """The body as JSON, or a 400 that says why not."""
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and an integer of over 4,300 digits
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest("request body is not valid JSON: nested too deeply") from exc
 
 
 def validate(model: type[JobRequestBase], data: Any) -> JobRequestBase:

@@ -1,4 +1,9 @@
-"""Run the API under gunicorn with threads: each long-poll holds one thread while it waits."""
+"""Run the API under gunicorn's gevent worker: each connection is a greenlet, so long-polls cost no thread.
+
+gunicorn's gevent worker monkey-patches the standard library (sockets, threading) when the worker process
+starts, so redis-py's sockets and locks yield to other greenlets. The app is therefore built in the worker,
+after patching (`load`): locks and queues made before patching would block the whole process.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,13 @@ from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from api import create_app
-from shared.config import MAX_WAIT_S, Settings
+from shared.config import Settings
 from shared.api_keys import UNAUTHENTICATED_NOTICE
 
 
 class GunicornServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, app: Flask, options: dict[str, Any]) -> None:
-        self.application = app
+    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
+        self.settings = settings
         self.options = options
         super().__init__()
 
@@ -24,26 +29,36 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
-        return self.application
+        return create_app(self.settings)
 
 
-def run(settings: Settings, processes: int = 1) -> None:
-    """Serve the API on `settings.host:settings.port` until stopped."""
-    app = create_app(settings)
-    if not app.extensions["ragq-keys"].enabled:
-        print(f"ragq api: {UNAUTHENTICATED_NOTICE}", file=sys.stderr, flush=True)
-    options = {
+def gunicorn_options(settings: Settings, processes: int) -> dict[str, Any]:
+    """How `ragq api` runs gunicorn (the README shows the same as a `gunicorn` command line)."""
+    return {
         "bind": f"{settings.host}:{settings.port}",
         "workers": processes,
-        "worker_class": "gthread",
-        "threads": settings.api_threads,
-        # A long-poll may legitimately hold a request for MAX_WAIT_S seconds.
-        "timeout": MAX_WAIT_S + 30,
+        # Greenlets, not threads: a long-poll parks on the process's one job-events subscription.
+        "worker_class": "gevent",
+        "worker_connections": settings.api_max_connections,
+        # With the gevent worker this bounds reading each request head, the first one included, so a client
+        # that opens a connection and never finishes its headers is cut off (and an idle keep-alive one).
+        "keepalive": settings.header_timeout_s,
+        # Heartbeat: a worker process whose event loop is stuck this long is replaced.
+        "timeout": 30,
         "graceful_timeout": 10,
-        "keepalive": 5,
+        "backlog": 2048,
         # Batch options may come as a query string (metadata and params as JSON): allow gunicorn's maximum.
         "limit_request_line": 8190,
         "accesslog": "-",
         "loglevel": "info",
     }
-    GunicornServer(app, options).run()
+
+
+def run(settings: Settings, processes: int = 1) -> None:
+    """Serve the API on `settings.host:settings.port` until stopped."""
+    # Built once here only to refuse a bad configuration before gunicorn starts; each worker builds its own.
+    app = create_app(settings)
+    if not app.extensions["ragq-keys"].enabled:
+        print(f"ragq api: {UNAUTHENTICATED_NOTICE}", file=sys.stderr, flush=True)
+    del app
+    GunicornServer(settings, gunicorn_options(settings, processes)).run()

@@ -1,7 +1,8 @@
 """Who is calling (the tenant named by `Authorization: Bearer <key>`) and how much it may ask for.
 
-With no keys configured, every caller is the one tenant `local` and the API refuses to listen beyond
-loopback (`check_exposure`).
+With no keys configured, every caller is the one tenant `local`: the API refuses to listen beyond loopback
+(`check_exposure`), and, however it was started (`gunicorn -b 0.0.0.0:8000 'api:create_app()'` too), answers
+only loopback peers that name it by a loopback `Host` (`guard_keyless`), unless `RAGQ_TRUST_NETWORK=1`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from flask import Flask, g, request
 from api import state
 from shared import redis_keys
 from shared.config import Settings
-from shared.errors import TooManyRequests, Unauthorized
-from shared.api_keys import LOCAL_TENANT, KeyRing, check_exposure, key_ring
+from shared.errors import Forbidden, TooManyRequests, Unauthorized
+from shared.api_keys import LOCAL_TENANT, KeyRing, check_exposure, is_loopback, key_ring
 
 # A client over its outstanding-jobs quota waits for some of its jobs to finish.
 QUOTA_RETRY_AFTER_S = 30
@@ -29,12 +30,50 @@ def init_app(app: Flask, settings: Settings) -> None:
     check_exposure(settings, ring)
     app.extensions["ragq-keys"] = ring  # read by api.server for its start-up notice
 
+    allowed_hosts = LOOPBACK_HOSTS | {name.strip().lower() for name in (settings.allowed_hosts or "").split(",") if name.strip()}
+
     @app.before_request
     def identify() -> None:
         # Health checks and the OpenAPI document stay open; everything under /v1 needs a tenant.
         if request.path == "/v1" or request.path.startswith("/v1/"):
+            if not ring.enabled:
+                guard_keyless(settings.trust_network, allowed_hosts)
             g.tenant = authenticate(ring)
             limit_rate(g.tenant)
+
+
+# `Host` names a keyless API answers to (any port), besides RAGQ_ALLOWED_HOSTS.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+# Headers by which a proxy says it relays someone else's request.
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
+def guard_keyless(trust_network: bool, allowed_hosts: frozenset[str] | set[str]) -> None:
+    """Without keys, serve only the local machine: a loopback peer, not relaying anyone (no proxy headers are
+    believed: they would let anyone claim loopback), calling the API by a loopback or allowed name."""
+    if not trust_network:
+        peer = request.remote_addr or ""
+        # An empty peer is a Unix socket (gunicorn -b unix:PATH): a process on this machine.
+        if peer and not is_loopback(peer):
+            raise Forbidden(
+                "this API has no keys configured and serves only the local machine; "
+                "configure API keys (RAGQ_API_KEYS_FILE) or set RAGQ_TRUST_NETWORK=1",
+                details={"peer": peer},
+            )
+        relayed = [name for name in FORWARDING_HEADERS if name in request.headers]
+        if relayed:
+            raise Forbidden(
+                "this API has no keys configured and does not serve requests relayed by a proxy; configure API keys",
+                details={"headers": relayed},
+            )
+    # DNS rebinding: a web page's own host name resolved to 127.0.0.1 still sends that name as Host.
+    host = request.host.lower()
+    name = host.rpartition(":")[0] if host.rpartition(":")[2].isdigit() else host
+    if name not in allowed_hosts:
+        raise Forbidden(
+            f"Host {name!r} is not one this API answers to without keys; add it to RAGQ_ALLOWED_HOSTS",
+            details={"host": name},
+        )
 
 
 def authenticate(ring: KeyRing) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, Unavailable
 
 if TYPE_CHECKING:
     from shared.config import Settings
@@ -66,6 +66,8 @@ def read_keys_file(path: Path) -> list[tuple[str, str]]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"RAGQ_API_KEYS_FILE cannot be read: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"RAGQ_API_KEYS_FILE {path} is not UTF-8 text: {exc}") from exc
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -101,6 +103,8 @@ class KeyRing:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._file_entries: list[tuple[str, str]] = []
+        # Why the keys file cannot be used now (None while it can): every request is refused meanwhile.
+        self._broken: str | None = None
         # The file version last read: (mtime_ns, size, inode), None for a missing file, _UNREAD at first.
         self._seen: object = _UNREAD
         self._reload(strict=True)
@@ -111,8 +115,12 @@ class KeyRing:
         return bool(self.env_entries) or self.path is not None
 
     def tenant_for(self, key: str) -> str | None:
-        """The tenant whose key this is, or None. Compares with every entry in constant time, no early exit."""
+        """The tenant whose key this is, or None. Compares with every entry in constant time, no early exit.
+        Raises `Unavailable` while the keys file cannot be read: a revoked key must not keep working."""
         self._reload()
+        broken = self._broken
+        if broken is not None:
+            raise Unavailable(f"the API keys file cannot be read, so no request is accepted: {broken}")
         digest = hash_key(key)
         found = None
         for tenant, expected in self.env_entries + self._file_entries:
@@ -122,8 +130,9 @@ class KeyRing:
 
     def _reload(self, strict: bool = False) -> None:
         """Read the keys file again if it changed (each version once). At start-up a bad file is an error;
-        later, the keys read last stay in force (the problem is logged) so an edit in progress never locks
-        everyone out."""
+        later, a missing, unreadable or malformed file fails closed: no key is accepted (503) until it is
+        fixed, because keeping the keys read before would keep a revoked key working. Logged once per version.
+        Edit the file by writing a new one and renaming it over the old (`ragq keys create` appends one line)."""
         if self.path is None:
             return
         try:
@@ -139,10 +148,13 @@ class KeyRing:
                 if version is None:
                     raise ConfigError(f"RAGQ_API_KEYS_FILE {self.path} does not exist")
                 self._file_entries = read_keys_file(self.path)
+                self._broken = None
             except ConfigError as exc:
                 if strict:
                     raise ConfigError(f"{exc.message}; create it with `ragq keys create TENANT`") from None
-                log.error("keeping the API keys read before: %s", exc.message)
+                self._file_entries = []
+                self._broken = exc.message
+                log.error("refusing every request until the API keys file is fixed: %s", exc.message)
 
 
 def key_ring(settings: Settings) -> KeyRing:
@@ -153,17 +165,22 @@ def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    # A dual-stack socket shows an IPv4 peer as ::ffff:a.b.c.d, which Python 3.11 never calls loopback.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def check_exposure(settings: Settings, ring: KeyRing) -> None:
-    """Without keys, anyone who can reach the API could use it: allow that on loopback only."""
-    if not ring.enabled and not is_loopback(settings.host):
+    """Without keys, anyone who can reach the API could use it: allow that on loopback only (or a network the
+    operator declares trusted). Requests are checked again per peer (`api.tenancy`), since gunicorn can be
+    started with any bind."""
+    if not ring.enabled and not settings.trust_network and not is_loopback(settings.host):
         raise ConfigError(
             f"no API keys are configured, so the API serves only on loopback and will not listen on {settings.host}; "
-            "set RAGQ_API_KEYS_FILE (see `ragq keys create`) or RAGQ_API_KEYS"
+            "set RAGQ_API_KEYS_FILE (see `ragq keys create`) or RAGQ_API_KEYS, or RAGQ_TRUST_NETWORK=1 on a trusted network"
         )
 
 

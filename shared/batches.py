@@ -209,7 +209,9 @@ def parse_batch(
         raw_lines: list[tuple[int, Any]] = [(i + 1, item) for i, item in enumerate(requests)]
         decoded = True
     elif media in ("application/x-ndjson", "application/jsonl", "application/json-lines"):
-        raw_lines = [(i + 1, line) for i, line in enumerate(body.splitlines()) if line.strip()]
+        # A UTF-8 byte-order mark (as some editors write) is not part of the first line.
+        lines = body.removeprefix(b"\xef\xbb\xbf").splitlines()
+        raw_lines = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
         decoded = False
     elif media == "text/csv":
         raw_lines = _csv_lines(body)

@@ -78,7 +78,24 @@ class Settings:
     )
     host: str = _setting("RAGQ_HOST", "127.0.0.1", "Address the API listens on.")
     port: int = _setting("RAGQ_PORT", 8000, "Port the API listens on.", lo=1, hi=65535)
-    api_threads: int = _setting("RAGQ_API_THREADS", 64, "Threads per API process (each long-poll holds one).", lo=1, hi=1024)
+    api_threads: int = _setting(
+        "RAGQ_API_THREADS", 64, "Redis commands in flight per API process at most (its connection pool); long-polls wait without one.", lo=1, hi=1024
+    )
+    api_max_connections: int = _setting(
+        "RAGQ_API_MAX_CONNECTIONS", 4000, "Open client connections per API process at most (gevent worker: each is a greenlet, not a thread).", lo=16, hi=100_000
+    )
+    header_timeout_s: int = _setting(
+        "RAGQ_HEADER_TIMEOUT_S", 5, "Seconds a client has to send a request's headers (and between keep-alive requests); then it is cut off.", lo=1, hi=300
+    )
+    max_waits_per_tenant: int = _setting(
+        "RAGQ_MAX_WAITS_PER_TENANT", 1000, "Concurrent `?wait=` long-polls per tenant per API process at most; then 429.", lo=1, hi=1_000_000
+    )
+    trust_network: bool = _setting(
+        "RAGQ_TRUST_NETWORK", False, "Without API keys, serve peers beyond loopback too (the network is trusted). Off: only loopback peers."
+    )
+    allowed_hosts: str | None = _setting(
+        "RAGQ_ALLOWED_HOSTS", None, "Without API keys, `Host` names accepted besides localhost, 127.0.0.1 and [::1] (comma-separated; against DNS rebinding)."
+    )
     result_ttl_s: int = _setting("RAGQ_RESULT_TTL_S", 7 * 24 * 3600, "Seconds a finished job is kept.", lo=60, hi=365 * 24 * 3600)
     task_time_limit_s: int = _setting("RAGQ_TASK_TIME_LIMIT_S", 600, "Hard limit on one job's run.", lo=10, hi=24 * 3600)
     visibility_timeout_s: int = _setting(

@@ -40,6 +40,12 @@ class Unauthorized(RagqError):
     type = "unauthorized"
 
 
+class Forbidden(RagqError):
+    """The caller may not use this API at all from where it is (a non-loopback peer or foreign Host without keys)."""
+
+    type = "forbidden"
+
+
 class TooManyRequests(RagqError):
     """A tenant's quota (outstanding jobs) or request rate is used up; retry after `retry_after_s`."""
 

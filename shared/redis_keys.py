@@ -15,6 +15,16 @@ def job_events(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:events"
 
 
+def all_job_events() -> str:
+    """Pub/sub pattern matching every job's events channel (one subscription per API process)."""
+    return f"{PREFIX}:job:*:events"
+
+
+def job_id_of_events(channel: str) -> str:
+    """The job id in a `job_events` channel name."""
+    return channel[len(f"{PREFIX}:job:") : -len(":events")]
+
+
 def model_queue(model_name: str) -> str:
     """Celery queue (a Redis list of the same name) holding the jobs of one served model."""
     return f"{PREFIX}.model.{model_name}"

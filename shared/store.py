@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 
@@ -263,15 +264,17 @@ class JobStore:
         found = self._batch_status(keys=[redis_keys.batch(batch_id)], args=self._args(target, only_from, fields))
         return found or None
 
-    def wait_until_final(self, job_id: str, timeout_s: float) -> Job:
-        """The job once it is final, or its current state after `timeout_s`; blocks on pub/sub, never polls."""
+    def wait_until_final(self, job_id: str, timeout_s: float, events: JobEventSource | None = None) -> Job:
+        """The job once it is final, or its current state after `timeout_s`; blocks on pub/sub, never polls.
+
+        With `events` (the API's one shared subscription per process) the wait holds no Redis connection;
+        without, it subscribes on a connection of its own for the duration."""
         job = self.get(job_id)
         if job.status.is_final or timeout_s <= 0:
             return job
         deadline = time.monotonic() + timeout_s
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(redis_keys.job_events(job_id))
+        listening = events.listen(job_id) if events is not None else _own_subscription(self.redis, job_id)
+        with listening as notice:
             # Read again after subscribing: a change between the first read and the subscription
             # published before anyone listened.
             job = self.get(job_id)
@@ -279,11 +282,37 @@ class JobStore:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                if pubsub.get_message(timeout=remaining) is not None:
+                if notice.wait(remaining):
                     job = self.get(job_id)
             return job
-        finally:
-            pubsub.close()
+
+
+class JobNotice(Protocol):
+    def wait(self, timeout_s: float) -> bool: ...
+
+
+class JobEventSource(Protocol):
+    """Something that wakes a waiter on each event of one job (`api.waits.JobEvents`)."""
+
+    def listen(self, job_id: str) -> AbstractContextManager[JobNotice]: ...
+
+
+class _PubSubNotice:
+    def __init__(self, pubsub: Any) -> None:
+        self._pubsub = pubsub
+
+    def wait(self, timeout_s: float) -> bool:
+        return self._pubsub.get_message(timeout=timeout_s) is not None
+
+
+@contextmanager
+def _own_subscription(client: redis.Redis, job_id: str) -> Iterator[JobNotice]:
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    try:
+        pubsub.subscribe(redis_keys.job_events(job_id))
+        yield _PubSubNotice(pubsub)
+    finally:
+        pubsub.close()
 
 
 def announce_worker(client: redis.Redis, worker_id: str, model_name: str) -> None:

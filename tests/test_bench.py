@@ -42,12 +42,18 @@ def test_throughput_benchmark_tiny_shape_writes_its_figures(shared_data: Path, t
 
 
 def test_load_benchmark_gets_no_errors_and_exactly_the_quota_429s(tmp_path: Path) -> None:
-    figures, _ = run_bench("load", tmp_path / "load.json", "--clients", "4", "--seconds", "3", "--quota", "5", "--rate", "40")
+    figures, _ = run_bench(
+        "load", tmp_path / "load.json", "--clients", "4", "--seconds", "3", "--quota", "5", "--rate", "40",
+        "--long-polls", "40", "--half-open", "10", "--probes", "10",
+    )
     assert figures["errors"] == 0 and figures["jobs_done"] > 0
     assert figures["submit_p50_ms"] <= figures["submit_p99_ms"]
     assert figures["long_poll_answer_after_finish_p50_ms"] >= 0
     assert (figures["quota_accepted"], figures["quota_429"]) == (5, 20)
     assert (figures["rate_accepted"], figures["rate_429"]) == (40, 20)
+    # The crowd: long-polls all answered once their jobs were cancelled, slow clients cut, probes fast.
+    assert figures["long_poll_answers"] == {"200": 40} and figures["half_open_cut_by_api"] > 0
+    assert figures["healthz_p99_ms"] < 1000 and figures["crowd_submit_p99_ms"] < 1000
 
 
 def test_throughput_benchmark_sim_shape_reports_the_device_busy_fraction(shared_data: Path, tmp_path: Path) -> None:

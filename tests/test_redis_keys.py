@@ -9,6 +9,14 @@ def test_job_events_channel_format() -> None:
     assert redis_keys.job_events("abc") == "ragq:job:abc:events"
 
 
+def test_all_job_events_pattern_matches_each_job_events_channel() -> None:
+    import fnmatch
+
+    assert redis_keys.all_job_events() == "ragq:job:*:events"
+    assert fnmatch.fnmatchcase(redis_keys.job_events("abc"), redis_keys.all_job_events())
+    assert redis_keys.job_id_of_events(redis_keys.job_events("abc")) == "abc"
+
+
 def test_model_queue_format() -> None:
     assert redis_keys.model_queue("flan-t5-base") == "ragq.model.flan-t5-base"
 

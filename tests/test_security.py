@@ -181,18 +181,33 @@ def test_the_keyless_tenant_name_cannot_be_given_a_key(tmp_path: Path) -> None:
     assert ragq(["keys", "create", "local", "--file", str(tmp_path / "keys")]) == 2
 
 
-def test_a_broken_keys_file_keeps_the_keys_read_before(
-    settings: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("breakage", ["malformed", "deleted", "not-utf-8"])
+def test_a_broken_keys_file_refuses_every_request_until_fixed(
+    settings: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture, breakage: str,
 ) -> None:
     path = tmp_path / "api-keys"
     key = create_key(path, "acme", capsys)
+    good = path.read_bytes()
     client = create_app(dataclasses.replace(settings, api_keys_file=path)).test_client()
-    path.write_text("this is not a keys file\n")
-    response = client.get("/v1/batches", headers={"Authorization": f"Bearer {key}"})
-    assert response.status_code == 200
-    path.unlink()
-    assert client.get("/v1/batches", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    auth = {"Authorization": f"Bearer {key}"}
+    if breakage == "malformed":
+        path.write_text("this is not a keys file\n")
+    elif breakage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(good + b"beta \xff\xfe\n")
+    # A revocation by deleting or rewriting the file must not leave the old keys in force: fail closed.
+    for _ in range(2):
+        response = client.get("/v1/batches", headers=auth)
+        assert response.status_code == 503
+        assert response.get_json()["error"]["type"] == "unavailable"
+        assert "keys file" in response.get_json()["error"]["message"]
+    assert sum("API keys file" in r.getMessage() for r in caplog.records) == 1
+    path.write_bytes(good)
+    assert client.get("/v1/batches", headers=auth).status_code == 200
     # At start-up a missing file is an error that says what to do.
+    path.unlink()
     with pytest.raises(ConfigError, match="ragq keys create"):
         create_app(dataclasses.replace(settings, api_keys_file=path))
 

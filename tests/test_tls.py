@@ -49,7 +49,7 @@ def answer_one_job(api_settings: Settings, worker_settings: Settings, redis_clie
         worker.stop()
 
 
-API_ACL = "on >api-password-0123456789 ~ragq:* ~ragq.* ~_kombu.* resetchannels &ragq:* +@all -@dangerous +info +ping"
+API_ACL = "on >api-password-0123456789 ~ragq:* ~ragq.* ~_kombu.* resetchannels &ragq:* &ragq:job:*:events +@all -@dangerous +info +ping"
 WORKER_ACL = "on >worker-password-0123456789 ~* &* +@all -@dangerous +info +ping"
 
 
