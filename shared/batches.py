@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from shared.errors import PayloadTooLarge, ValidationFailed
 from shared.api_keys import LOCAL_TENANT
-from shared.jobs import JobRequestBase, RequestModels, iso
+from shared.jobs import JobRequestBase, RequestModels, check_token_range, iso
 
 MAX_REPORTED_ERRORS = 100
 WINDOW_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -230,6 +230,8 @@ def parse_batch(
     window_seconds(options.completion_window)  # type: ignore[attr-defined]
 
     parsed = ParsedBatch(options)
+    defaults = getattr(options, "params", None)
+    default_params = {} if defaults is None else defaults.model_dump(exclude_none=True)
     errors = _LineErrors()
     first_seen: dict[str, int] = {}
     line_model = models.batch_line
@@ -240,6 +242,10 @@ def parse_batch(
             errors.add(number, _summary(exc))
             continue
         custom_id: str = line.custom_id  # type: ignore[attr-defined]
+        problem = _merged_params_problem(default_params, line)
+        if problem:
+            errors.add(number, problem)
+            continue
         if custom_id in first_seen:
             errors.add(number, f"duplicate custom_id {custom_id!r} (first on line {first_seen[custom_id]})")
             continue
@@ -247,6 +253,19 @@ def parse_batch(
         parsed.lines.append((custom_id, line))
     errors.raise_if_any()
     return parsed
+
+
+def _merged_params_problem(default_params: dict[str, Any], line: Any) -> str | None:
+    """Why a line's params merged over the batch's default params cannot run (each alone is valid), or None."""
+    if not default_params:
+        return None
+    own = line.params
+    merged = {**default_params, **{k: v for k, v in own if v is not None}}
+    try:
+        check_token_range(merged.get("min_new_tokens"), merged.get("max_new_tokens"))
+    except ValueError as exc:
+        return f"params (with the batch's default params): {exc}"
+    return None
 
 
 def _csv_lines(body: bytes) -> list[tuple[int, Any]]:
