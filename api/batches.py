@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
 from api import idempotency, state, tenancy
-from shared.batch_store import BatchStore, encode_result
-from shared.batches import Batch, batch_items, parse_batch
-from shared.errors import ValidationFailed
+from shared.batch_store import BatchLimits, BatchStore, encode_result
+from shared.batches import MAX_WINDOW_S, Batch, ParsedBatch, batch_items, new_batch_id, parse_batch
+from shared.errors import Unavailable, ValidationFailed
 from shared.netguard import non_public_reason
 from shared.jobs import JobStatus
 
@@ -26,17 +29,34 @@ def batch_store() -> BatchStore:
 
 @bp.post("")
 def create() -> tuple[Response, int, dict[str, str]]:
-    """Validate every line, then store the batch and its items; 202 with the batch object."""
+    """Validate every line, then store the batch and its items whole or not at all; 202 with the batch object."""
     api = state.get()
     # Batches may be far larger than single-job bodies.
     request.max_content_length = api.settings.max_batch_bytes
-    body = request.get_data(cache=False)
-    fingerprint = idempotency.fingerprint(body)
+    tenant = tenancy.tenant()
     store = batch_store()
-    earlier = idempotency.replayed_id("batch", fingerprint)
-    if earlier is not None:
-        return _replayed(store.public(earlier, tenancy.tenant()))
-    parsed = parse_batch(body, request.content_type or "", query_options(), api.requests, api.settings.max_batch_lines)
+    with upload_slot():
+        body = request.get_data(cache=False)
+        fingerprint = idempotency.fingerprint(body)
+        earlier = idempotency.replayed_id("batch", fingerprint)
+        if earlier is not None:
+            return _replayed(store.public(earlier, tenant))
+        batch_id = new_batch_id()
+        try:
+            with idempotency.claim_pending("batch", batch_id, fingerprint, lambda found: store.public(found, tenant)) as claim:
+                parsed = parse_batch(body, request.content_type or "", query_options(), api.requests, api.settings.max_batch_lines)
+                del body
+                batch = _new_batch(parsed, batch_id, tenant)
+                store.check_quota(tenant, batch.total, limits())
+                store.create(batch, batch_items(parsed), limits(), claim)
+        except idempotency.Replay as replay:
+            return _replayed(replay.obj)  # type: ignore[arg-type]
+    return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
+
+
+def _new_batch(parsed: ParsedBatch, batch_id: str, tenant: str) -> Batch:
+    """The batch record for a validated submission (its callback URL checked)."""
+    api = state.get()
     options: Any = parsed.options
     if options.callback_url and not api.settings.callback_secret:
         raise ValidationFailed("callback_url needs RAGQ_CALLBACK_SECRET to be configured on the server (callbacks are signed)")
@@ -44,23 +64,50 @@ def create() -> tuple[Response, int, dict[str, str]]:
         problem = non_public_reason(options.callback_url)
         if problem:
             raise ValidationFailed(f"callback_url {problem}; see RAGQ_CALLBACK_ALLOW_PRIVATE", details=[{"field": "callback_url"}])
-    batch = Batch.new(
+    return Batch.new(
         model=options.model or api.settings.default_model.name,
         total=len(parsed.lines),
         completion_window=options.completion_window,
         metadata=options.metadata,
         callback_url=options.callback_url,
-        tenant=tenancy.tenant(),
+        tenant=tenant,
+        batch_id=batch_id,
     )
-    items = batch_items(parsed)
+
+
+def limits() -> BatchLimits:
+    """The tenant limits a new batch must fit, from the settings."""
+    settings = state.get().settings
+    return BatchLimits(
+        max_outstanding_jobs=settings.max_outstanding_jobs,
+        max_open_batches=settings.max_open_batches,
+        max_stored_items=settings.max_stored_batch_items,
+        ended_ttl_s=settings.ended_batch_ttl_s,
+        tenant_keys_ttl_s=MAX_WINDOW_S + settings.result_ttl_s,
+    )
+
+
+_SLOTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def upload_slot() -> Iterator[None]:
+    """One of this API process's `RAGQ_MAX_CONCURRENT_UPLOADS` places for reading and parsing an upload;
+    503 with Retry-After when all are taken, so concurrent uploads cannot exhaust the process's memory."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    with _SLOTS_LOCK:
+        slots = app.extensions.get("ragq-upload-slots")
+        if slots is None:
+            slots = app.extensions["ragq-upload-slots"] = threading.BoundedSemaphore(state.get().settings.max_concurrent_uploads)
+    if not slots.acquire(blocking=False):
+        raise Unavailable(
+            "too many batch uploads are being processed by this server; retry shortly",
+            details={"max_concurrent_uploads": state.get().settings.max_concurrent_uploads},
+        )
     try:
-        with tenancy.outstanding(batch.total), idempotency.reserve(
-            "batch", batch.id, fingerprint, lambda batch_id: store.public(batch_id, tenancy.tenant())
-        ):
-            store.create(batch, items)
-    except idempotency.Replay as replay:
-        return _replayed(replay.obj)  # type: ignore[arg-type]
-    return jsonify(store.public(batch.id, batch.tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
+        yield
+    finally:
+        slots.release()
 
 
 def _replayed(obj: dict[str, Any]) -> tuple[Response, int, dict[str, str]]:

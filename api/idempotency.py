@@ -11,11 +11,19 @@ from flask import request
 
 from api import state, tenancy
 from shared import redis_keys
+from shared.batch_store import STAGING_TTL_S, IdempotencyClaim
 from shared.errors import Conflict, NotFound, ValidationFailed
 
 HEADER = "Idempotency-Key"
 TTL_S = 24 * 3600
 MAX_KEY_CHARS = 255
+IN_PROGRESS = "a request with this Idempotency-Key is still being processed; retry shortly"
+
+# KEYS[1] the key; ARGV[1] the entry this request wrote. Deletes the key only while it still holds that entry.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 def fingerprint(body: bytes) -> str:
@@ -49,6 +57,8 @@ def replayed_id(kind: str, request_fingerprint: str) -> str | None:
 
 
 def _check(entry: dict[str, str], request_fingerprint: str) -> str:
+    if entry.get("pending"):
+        raise Conflict(IN_PROGRESS, details={"type": "idempotency_key_in_progress"})
     if entry["fingerprint"] != request_fingerprint:
         raise Conflict(f"{HEADER} was already used for a different request", details={"type": "idempotency_key_reused"})
     return entry["id"]
@@ -72,7 +82,7 @@ def reserve(kind: str, object_id: str, request_fingerprint: str, replay: Callabl
         try:
             raise Replay(replay(winner))
         except NotFound:
-            raise Conflict("a request with this Idempotency-Key is still being processed; retry shortly") from None
+            raise Conflict(IN_PROGRESS, details={"type": "idempotency_key_in_progress"}) from None
     try:
         yield
     except BaseException:
@@ -86,3 +96,36 @@ class Replay(Exception):
     def __init__(self, obj: object) -> None:
         super().__init__("replay")
         self.obj = obj
+
+
+@contextmanager
+def claim_pending(
+    kind: str, object_id: str, request_fingerprint: str, replay: Callable[[str], object]
+) -> Iterator[IdempotencyClaim | None]:
+    """Claim the key as pending for `object_id` before any work, for a creation that makes its object and
+    swaps in the final entry in one step (`IdempotencyClaim`); the claim is released if the work fails.
+
+    An earlier request with the key still pending: 409 `in progress`. One that finished: `Replay` with the
+    object `replay` reads. A claim whose process died expires with its staged work (`STAGING_TTL_S`), so the
+    key never names an object that was never made.
+    """
+    redis_key = _redis_key(kind)
+    if redis_key is None:
+        yield None
+        return
+    client = state.get().store.redis
+    pending = json.dumps({"id": object_id, "pending": True})
+    if not client.set(redis_key, pending, nx=True, ex=STAGING_TTL_S):
+        raw = client.get(redis_key)
+        if raw is None:
+            raise Conflict(IN_PROGRESS, details={"type": "idempotency_key_in_progress"})
+        raise Replay(replay(_check(json.loads(raw), request_fingerprint)))
+    final = json.dumps({"id": object_id, "fingerprint": request_fingerprint})
+    try:
+        yield IdempotencyClaim(redis_key, pending, final, TTL_S)
+    except BaseException:
+        try:
+            client.eval(_RELEASE_LUA, 1, redis_key, pending)
+        except Exception:  # noqa: BLE001 - the claim expires by itself; the original error matters
+            pass
+        raise

@@ -51,6 +51,11 @@ def window_seconds(window: str) -> int:
     return seconds
 
 
+def new_batch_id() -> str:
+    """A fresh batch id (made before the upload is read, so an Idempotency-Key can be claimed for it)."""
+    return f"batch_{uuid.uuid4().hex}"
+
+
 @dataclass
 class Batch:
     """One batch's record, as stored in Redis (its counts live beside it)."""
@@ -79,10 +84,11 @@ class Batch:
         metadata: dict[str, str] | None,
         callback_url: str | None,
         tenant: str = LOCAL_TENANT,
+        batch_id: str | None = None,
     ) -> Batch:
         now = time.time()
         return cls(
-            id=f"batch_{uuid.uuid4().hex}",
+            id=batch_id or new_batch_id(),
             status=BatchStatus.IN_PROGRESS,
             model=model,
             total=total,
