@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
 from api import idempotency, state, tenancy
-from shared.batch_store import BatchLimits, BatchStore, encode_result
-from shared.batches import MAX_WINDOW_S, Batch, ParsedBatch, batch_items, new_batch_id, parse_batch
+from shared import batch_store as batch_store_module
+from shared.batch_store import BatchLimits, BatchStore, IdempotencyClaim, encode_result
+from shared.batches import MAX_WINDOW_S, Batch, Submission, item_rows, new_batch_id, open_submission
 from shared.errors import Unavailable, ValidationFailed
 from shared.netguard import non_public_reason
 from shared.jobs import JobStatus
@@ -29,35 +32,89 @@ def batch_store() -> BatchStore:
 
 @bp.post("")
 def create() -> tuple[Response, int, dict[str, str]]:
-    """Validate every line, then store the batch and its items whole or not at all; 202 with the batch object."""
+    """Read the upload as a stream, validating each line and staging the items in chunks; then store the batch
+    whole or not at all; 202 with the batch object."""
     api = state.get()
     # Batches may be far larger than single-job bodies.
     request.max_content_length = api.settings.max_batch_bytes
     tenant = tenancy.tenant()
     store = batch_store()
     with upload_slot():
-        body = request.get_data(cache=False)
-        fingerprint = idempotency.fingerprint(body)
-        earlier = idempotency.replayed_id("batch", fingerprint)
-        if earlier is not None:
-            return _replayed(store.public(earlier, tenant))
+        body = _HashingReader(request.stream, idempotency.fingerprint_start())
+        stream = io.BufferedReader(body, buffer_size=READ_BUFFER_BYTES)
         batch_id = new_batch_id()
         try:
-            with idempotency.claim_pending("batch", batch_id, fingerprint, lambda found: store.public(found, tenant)) as claim:
-                parsed = parse_batch(body, request.content_type or "", query_options(), api.requests, api.settings.max_batch_lines)
-                del body
-                batch = _new_batch(parsed, batch_id, tenant)
-                store.check_quota(tenant, batch.total, limits())
-                store.create(batch, batch_items(parsed), limits(), claim)
+            with idempotency.claim_pending(
+                "batch", batch_id, lambda: body.drain(stream), lambda found: store.public(found, tenant)
+            ) as claim:
+                submission = open_submission(stream, request.content_type or "", query_options(), api.requests)
+                batch = _new_batch(submission.options, batch_id, tenant)
+                store.check_quota(tenant, 1, limits())
+                _store_submission(store, batch, submission, stream, body, claim)
         except idempotency.Replay as replay:
             return _replayed(replay.obj)  # type: ignore[arg-type]
     return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
 
 
-def _new_batch(parsed: ParsedBatch, batch_id: str, tenant: str) -> Batch:
-    """The batch record for a validated submission (its callback URL checked)."""
+def _store_submission(
+    store: BatchStore,
+    batch: Batch,
+    submission: Submission,
+    stream: io.BufferedReader,
+    body: _HashingReader,
+    claim: IdempotencyClaim | None,
+) -> None:
+    """Stage the items chunk by chunk as the lines are validated, then commit; anything staged goes if it fails."""
     api = state.get()
-    options: Any = parsed.options
+    written: list[str] = []
+    chunk: list[list[Any]] = []
+    try:
+        for row in item_rows(submission, api.requests, api.settings.max_batch_lines):
+            chunk.append(row)
+            if len(chunk) == batch_store_module.CHUNK:
+                written += store.stage(batch, chunk)
+                chunk = []
+        if chunk:
+            written += store.stage(batch, chunk)
+        batch.total = len(written)
+        fingerprint = body.drain(stream)
+        final = dataclasses.replace(claim, final=idempotency.final_entry(batch.id, fingerprint)) if claim else None
+        store.commit(batch, limits(), final)
+    except BaseException:
+        store.discard(batch.id, written)
+        raise
+
+
+READ_BUFFER_BYTES = 1 << 16
+
+
+class _HashingReader(io.RawIOBase):
+    """The request body as a raw binary stream, hashed as it is read (the Idempotency-Key fingerprint)."""
+
+    def __init__(self, source: IO[bytes], digest: Any) -> None:
+        self.source = source
+        self.digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        self.digest.update(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self, stream: io.BufferedReader) -> str:
+        """Read what is left of the body (through `stream`, its buffered reader) and return the fingerprint."""
+        while stream.read(READ_BUFFER_BYTES):
+            pass
+        return str(self.digest.hexdigest())
+
+
+def _new_batch(batch_options: Any, batch_id: str, tenant: str) -> Batch:
+    """The batch record for validated batch options (its callback URL checked); its total is set once read."""
+    api = state.get()
+    options: Any = batch_options
     if options.callback_url and not api.settings.callback_secret:
         raise ValidationFailed("callback_url needs RAGQ_CALLBACK_SECRET to be configured on the server (callbacks are signed)")
     if options.callback_url and not api.settings.callback_allow_private:
@@ -66,7 +123,7 @@ def _new_batch(parsed: ParsedBatch, batch_id: str, tenant: str) -> Batch:
             raise ValidationFailed(f"callback_url {problem}; see RAGQ_CALLBACK_ALLOW_PRIVATE", details=[{"field": "callback_url"}])
     return Batch.new(
         model=options.model or api.settings.default_model.name,
-        total=len(parsed.lines),
+        total=0,
         completion_window=options.completion_window,
         metadata=options.metadata,
         callback_url=options.callback_url,

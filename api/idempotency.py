@@ -26,6 +26,17 @@ return 0
 """
 
 
+def fingerprint_start() -> hashlib._Hash:
+    """A running fingerprint of this request for a body read as a stream: feed it the body, then `hexdigest()`.
+
+    Like `fingerprint` (method, path, query, then the body), except the body's length is not hashed first.
+    """
+    digest = hashlib.sha256(b"stream\0")
+    for part in (request.method.encode(), request.path.encode(), request.query_string):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest
+
+
 def fingerprint(body: bytes) -> str:
     """What makes two requests the same: method, path, query and body."""
     digest = hashlib.sha256()
@@ -100,14 +111,15 @@ class Replay(Exception):
 
 @contextmanager
 def claim_pending(
-    kind: str, object_id: str, request_fingerprint: str, replay: Callable[[str], object]
+    kind: str, object_id: str, request_fingerprint: Callable[[], str], replay: Callable[[str], object]
 ) -> Iterator[IdempotencyClaim | None]:
-    """Claim the key as pending for `object_id` before any work, for a creation that makes its object and
-    swaps in the final entry in one step (`IdempotencyClaim`); the claim is released if the work fails.
+    """Claim the key as pending for `object_id` before any work, for a creation that makes its object and swaps in
+    the final entry (`final_entry`) in the same step; the claim is released if the work fails.
 
     An earlier request with the key still pending: 409 `in progress`. One that finished: `Replay` with the
-    object `replay` reads. A claim whose process died expires with its staged work (`STAGING_TTL_S`), so the
-    key never names an object that was never made.
+    object `replay` reads, if `request_fingerprint()` (called only then: it may read the body) matches. A claim
+    whose process died expires with its staged work (`STAGING_TTL_S`): the key never names an object that was
+    never made.
     """
     redis_key = _redis_key(kind)
     if redis_key is None:
@@ -117,15 +129,20 @@ def claim_pending(
     pending = json.dumps({"id": object_id, "pending": True})
     if not client.set(redis_key, pending, nx=True, ex=STAGING_TTL_S):
         raw = client.get(redis_key)
-        if raw is None:
+        entry = json.loads(raw) if raw is not None else {"pending": True}
+        if entry.get("pending"):
             raise Conflict(IN_PROGRESS, details={"type": "idempotency_key_in_progress"})
-        raise Replay(replay(_check(json.loads(raw), request_fingerprint)))
-    final = json.dumps({"id": object_id, "fingerprint": request_fingerprint})
+        raise Replay(replay(_check(entry, request_fingerprint())))
     try:
-        yield IdempotencyClaim(redis_key, pending, final, TTL_S)
+        yield IdempotencyClaim(redis_key, pending, "", TTL_S)
     except BaseException:
         try:
             client.eval(_RELEASE_LUA, 1, redis_key, pending)
         except Exception:  # noqa: BLE001 - the claim expires by itself; the original error matters
             pass
         raise
+
+
+def final_entry(object_id: str, request_fingerprint: str) -> str:
+    """What the key holds once the object exists: its id and the request that made it."""
+    return json.dumps({"id": object_id, "fingerprint": request_fingerprint})
