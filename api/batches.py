@@ -17,8 +17,8 @@ from shared import batch_store as batch_store_module
 from shared.batch_store import BatchLimits, BatchStore, IdempotencyClaim, encode_result
 from shared.batches import MAX_WINDOW_S, Batch, Submission, item_rows, new_batch_id, open_submission
 from shared.errors import Unavailable, ValidationFailed
-from shared.netguard import non_public_reason
 from shared.jobs import JobStatus
+from shared.netguard import non_public_reason
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 

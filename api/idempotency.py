@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -136,10 +137,9 @@ def claim_pending(
     try:
         yield IdempotencyClaim(redis_key, pending, "", TTL_S)
     except BaseException:
-        try:
+        # The claim expires by itself if Redis is down too; the original error is the one to report.
+        with contextlib.suppress(Exception):
             client.eval(_RELEASE_LUA, 1, redis_key, pending)
-        except Exception:  # noqa: BLE001 - the claim expires by itself; the original error matters
-            pass
         raise
 
 

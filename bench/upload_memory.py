@@ -47,7 +47,7 @@ def main() -> None:
                 max_batch_lines=1_000_000,
             )
             client = create_app(settings).test_client()
-            print(f"| body | bytes | lines | peak (tracemalloc) | peak / body | seconds |\n|---|---|---|---|---|---|")
+            print("| body | bytes | lines | peak (tracemalloc) | peak / body | seconds |\n|---|---|---|---|---|---|")
             for content_type, body in bodies(args.mb).items():
                 connect(server.url).flushdb()
                 tracemalloc.start()

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from shared import redis_keys
-from shared.lua import with_now
 from shared.batches import Batch, BatchStatus
 from shared.errors import Conflict, NotFound, TooManyRequests, Unavailable
 from shared.jobs import Job, JobStatus, omitted_defaults
+from shared.lua import with_now
 from shared.store import JobStore
 
 CHUNK = 2000

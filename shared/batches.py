@@ -12,16 +12,16 @@ import io
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Literal
 
 import pydantic
 from pydantic import BaseModel
 
-from shared.errors import PayloadTooLarge, ValidationFailed
 from shared.api_keys import LOCAL_TENANT
-from shared.jobs import JobRequestBase, RequestModels, check_token_range, iso
+from shared.errors import PayloadTooLarge, ValidationFailed
+from shared.jobs import RequestModels, check_token_range, iso
 
 MAX_REPORTED_ERRORS = 100
 WINDOW_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -19,7 +19,8 @@ from flask.testing import FlaskClient
 from api import create_app
 from shared import batch_store as batch_store_module
 from shared import redis_keys
-from shared.batch_store import STAGING_TTL_S, BatchStore
+from shared.batch_store import STAGING_TTL_S, BatchLimits, BatchStore
+from shared.batches import Batch
 from shared.config import Settings
 from shared.errors import Unavailable
 from shared.store import JobStore
@@ -135,9 +136,6 @@ def test_an_upload_that_never_commits_leaves_only_expiring_keys_and_a_retry_gets
 def test_a_staged_item_that_expired_before_the_commit_refuses_the_batch_whole(
     store: JobStore, redis_client: redis.Redis, small_chunks: None
 ) -> None:
-    from shared.batches import Batch
-    from shared.batch_store import BatchLimits
-
     batches = BatchStore(store)
     batch = Batch.new("unserved", 5, "24h", None, None)
     ids: list[str] = []

@@ -91,12 +91,12 @@ def test_batch_default_params_are_bounded(client: FlaskClient, redis_client: red
 @pytest.mark.parametrize("name", ["temperature", "top_p"])
 @pytest.mark.parametrize("value", NON_FINITE)
 def test_non_finite_floats_are_refused(client: FlaskClient, redis_client: redis.Redis, name: str, value: str) -> None:
-    raw = '{"question": "q", "params": {"%s": %s}}' % (name, value)
+    raw = f'{{"question": "q", "params": {{"{name}": {value}}}}}'
     assert math.isnan(json.loads(raw)["params"][name]) or math.isinf(json.loads(raw)["params"][name])
     assert post_job(client, raw).status_code == 422
-    line = '{"question": "q", "custom_id": "a", "params": {"%s": %s}}' % (name, value)
+    line = f'{{"question": "q", "custom_id": "a", "params": {{"{name}": {value}}}}}'
     assert client.post("/v1/batches", data=line, content_type="application/x-ndjson").status_code == 422
-    document = '{"requests": [%s]}' % line
+    document = f'{{"requests": [{line}]}}'
     assert client.post("/v1/batches", data=document, content_type="application/json").status_code == 422
     assert data_keys(redis_client) == set()
 
