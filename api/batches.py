@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
-from typing import Any
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context, url_for
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
 from api import idempotency, state, tenancy
-from shared.batch_store import BatchStore, encode_result
-from shared.batches import Batch, batch_items, parse_batch
-from shared.errors import ValidationFailed
-from shared.netguard import non_public_reason
+from shared import batch_store as batch_store_module
+from shared.batch_store import BatchLimits, BatchStore, IdempotencyClaim, encode_result
+from shared.batches import MAX_WINDOW_S, Batch, Submission, item_rows, new_batch_id, open_submission
+from shared.errors import Unavailable, ValidationFailed
 from shared.jobs import JobStatus
+from shared.netguard import non_public_reason
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
@@ -26,41 +32,139 @@ def batch_store() -> BatchStore:
 
 @bp.post("")
 def create() -> tuple[Response, int, dict[str, str]]:
-    """Validate every line, then store the batch and its items; 202 with the batch object."""
+    """Read the upload as a stream, validating each line and staging the items in chunks; then store the batch
+    whole or not at all; 202 with the batch object."""
     api = state.get()
     # Batches may be far larger than single-job bodies.
     request.max_content_length = api.settings.max_batch_bytes
-    body = request.get_data(cache=False)
-    fingerprint = idempotency.fingerprint(body)
+    tenant = tenancy.tenant()
     store = batch_store()
-    earlier = idempotency.replayed_id("batch", fingerprint)
-    if earlier is not None:
-        return _replayed(store.public(earlier, tenancy.tenant()))
-    parsed = parse_batch(body, request.content_type or "", query_options(), api.requests, api.settings.max_batch_lines)
-    options: Any = parsed.options
+    with upload_slot():
+        body = _HashingReader(request.stream, idempotency.fingerprint_start())
+        stream = io.BufferedReader(body, buffer_size=READ_BUFFER_BYTES)
+        batch_id = new_batch_id()
+        try:
+            with idempotency.claim_pending(
+                "batch", batch_id, lambda: body.drain(stream), lambda found: store.public(found, tenant)
+            ) as claim:
+                submission = open_submission(stream, request.content_type or "", query_options(), api.requests)
+                batch = _new_batch(submission.options, batch_id, tenant)
+                store.check_quota(tenant, 1, limits())
+                _store_submission(store, batch, submission, stream, body, claim)
+        except idempotency.Replay as replay:
+            return _replayed(replay.obj)  # type: ignore[arg-type]
+    return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
+
+
+def _store_submission(
+    store: BatchStore,
+    batch: Batch,
+    submission: Submission,
+    stream: io.BufferedReader,
+    body: _HashingReader,
+    claim: IdempotencyClaim | None,
+) -> None:
+    """Stage the items chunk by chunk as the lines are validated, then commit; anything staged goes if it fails."""
+    api = state.get()
+    written: list[str] = []
+    chunk: list[list[Any]] = []
+    try:
+        for row in item_rows(submission, api.requests, api.settings.max_batch_lines):
+            chunk.append(row)
+            if len(chunk) == batch_store_module.CHUNK:
+                written += store.stage(batch, chunk)
+                chunk = []
+        if chunk:
+            written += store.stage(batch, chunk)
+        batch.total = len(written)
+        fingerprint = body.drain(stream)
+        final = dataclasses.replace(claim, final=idempotency.final_entry(batch.id, fingerprint)) if claim else None
+        store.commit(batch, limits(), final)
+    except BaseException:
+        store.discard(batch.id, written)
+        raise
+
+
+READ_BUFFER_BYTES = 1 << 16
+
+
+class _HashingReader(io.RawIOBase):
+    """The request body as a raw binary stream, hashed as it is read (the Idempotency-Key fingerprint)."""
+
+    def __init__(self, source: IO[bytes], digest: Any) -> None:
+        self.source = source
+        self.digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        self.digest.update(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+    def drain(self, stream: io.BufferedReader) -> str:
+        """Read what is left of the body (through `stream`, its buffered reader) and return the fingerprint."""
+        while stream.read(READ_BUFFER_BYTES):
+            pass
+        return str(self.digest.hexdigest())
+
+
+def _new_batch(batch_options: Any, batch_id: str, tenant: str) -> Batch:
+    """The batch record for validated batch options (its callback URL checked); its total is set once read."""
+    api = state.get()
+    options: Any = batch_options
     if options.callback_url and not api.settings.callback_secret:
         raise ValidationFailed("callback_url needs RAGQ_CALLBACK_SECRET to be configured on the server (callbacks are signed)")
     if options.callback_url:
         problem = non_public_reason(options.callback_url, api.settings.callback_ports, api.settings.callback_allow_private)
         if problem:
             raise ValidationFailed(f"callback_url {problem}; see RAGQ_CALLBACK_ALLOW_PRIVATE", details=[{"field": "callback_url"}])
-    batch = Batch.new(
+    return Batch.new(
         model=options.model or api.settings.default_model.name,
-        total=len(parsed.lines),
+        total=0,
         completion_window=options.completion_window,
         metadata=options.metadata,
         callback_url=options.callback_url,
-        tenant=tenancy.tenant(),
+        tenant=tenant,
+        batch_id=batch_id,
     )
-    items = batch_items(parsed)
+
+
+def limits() -> BatchLimits:
+    """The tenant limits a new batch must fit, from the settings."""
+    settings = state.get().settings
+    return BatchLimits(
+        max_outstanding_jobs=settings.max_outstanding_jobs,
+        max_open_batches=settings.max_open_batches,
+        max_stored_items=settings.max_stored_batch_items,
+        ended_ttl_s=settings.ended_batch_ttl_s,
+        tenant_keys_ttl_s=MAX_WINDOW_S + settings.result_ttl_s,
+    )
+
+
+_SLOTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def upload_slot() -> Iterator[None]:
+    """One of this API process's `RAGQ_MAX_CONCURRENT_UPLOADS` places for reading and parsing an upload;
+    503 with Retry-After when all are taken, so concurrent uploads cannot exhaust the process's memory."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    with _SLOTS_LOCK:
+        slots = app.extensions.get("ragq-upload-slots")
+        if slots is None:
+            slots = app.extensions["ragq-upload-slots"] = threading.BoundedSemaphore(state.get().settings.max_concurrent_uploads)
+    if not slots.acquire(blocking=False):
+        raise Unavailable(
+            "too many batch uploads are being processed by this server; retry shortly",
+            details={"max_concurrent_uploads": state.get().settings.max_concurrent_uploads},
+        )
     try:
-        with tenancy.outstanding(batch.total), idempotency.reserve(
-            "batch", batch.id, fingerprint, lambda batch_id: store.public(batch_id, tenancy.tenant())
-        ):
-            store.create(batch, items)
-    except idempotency.Replay as replay:
-        return _replayed(replay.obj)  # type: ignore[arg-type]
-    return jsonify(store.public(batch.id, batch.tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
+        yield
+    finally:
+        slots.release()
 
 
 def _replayed(obj: dict[str, Any]) -> tuple[Response, int, dict[str, str]]:

@@ -1,6 +1,7 @@
-"""Batches: the record, its statuses, and parsing a submitted file (JSONL, CSV or JSON) into validated lines.
+"""Batches: the record, its statuses, and reading a submitted file (JSONL, CSV or JSON) into validated item rows.
 
-Every line is validated before anything is stored; a bad file is refused whole with each bad line named.
+JSONL and CSV are read as streams, line by line. Every line is validated before the batch is committed; a bad
+file is refused whole with each bad line named.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import io
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import pydantic
 from pydantic import BaseModel
 
-from shared.errors import PayloadTooLarge, ValidationFailed
 from shared.api_keys import LOCAL_TENANT
-from shared.jobs import JobRequestBase, RequestModels, iso
+from shared.errors import PayloadTooLarge, ValidationFailed
+from shared.jobs import RequestModels, check_token_range, iso
 
 MAX_REPORTED_ERRORS = 100
 WINDOW_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -51,6 +53,11 @@ def window_seconds(window: str) -> int:
     return seconds
 
 
+def new_batch_id() -> str:
+    """A fresh batch id (made before the upload is read, so an Idempotency-Key can be claimed for it)."""
+    return f"batch_{uuid.uuid4().hex}"
+
+
 @dataclass
 class Batch:
     """One batch's record, as stored in Redis (its counts live beside it)."""
@@ -79,10 +86,11 @@ class Batch:
         metadata: dict[str, str] | None,
         callback_url: str | None,
         tenant: str = LOCAL_TENANT,
+        batch_id: str | None = None,
     ) -> Batch:
         now = time.time()
         return cls(
-            id=f"batch_{uuid.uuid4().hex}",
+            id=batch_id or new_batch_id(),
             status=BatchStatus.IN_PROGRESS,
             model=model,
             total=total,
@@ -157,12 +165,17 @@ class BatchListView(BaseModel):
     has_more: bool
 
 
+JSONL_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines")
+
+
 @dataclass
-class ParsedBatch:
-    """A submitted file, validated: batch options and one job request per line."""
+class Submission:
+    """A submitted file opened as a stream: its batch options, validated, and its lines, read one at a time."""
 
     options: BaseModel
-    lines: list[tuple[str, JobRequestBase]] = field(default_factory=list)
+    raw_lines: Iterator[tuple[int, Any]]
+    decoded: bool  # lines are already Python objects (JSON, CSV), not JSON text (JSONL)
+    default_params: dict[str, Any] = field(default_factory=dict)
 
 
 class _LineErrors:
@@ -191,76 +204,115 @@ def _summary(exc: pydantic.ValidationError) -> str:
     )
 
 
-def parse_batch(
-    body: bytes, content_type: str, query_options: dict[str, Any], models: RequestModels, max_lines: int
-) -> ParsedBatch:
-    """Validate a whole submission; raises `ValidationFailed` naming bad lines, or `PayloadTooLarge`."""
+def open_submission(stream: IO[bytes], content_type: str, query_options: dict[str, Any], models: RequestModels) -> Submission:
+    """Read a submission's options and set up reading its lines from `stream` (binary), without reading them.
+
+    JSONL and CSV are read line by line, so a large file is never whole in memory; a JSON document (its options
+    live in the body) is read whole.
+    """
     media = content_type.split(";")[0].strip().lower()
     options_data = dict(query_options)
+    raw_lines: Iterator[tuple[int, Any]]
     if media == "application/json":
         try:
-            document = json.loads(body)
+            document = json.load(stream)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValidationFailed(f"body is not valid JSON: {exc}") from exc
         if not isinstance(document, dict) or not isinstance(document.get("requests"), list):
             raise ValidationFailed('a JSON batch is an object with a "requests" list')
         requests = document.pop("requests")
         options_data.update(document)
-        raw_lines: list[tuple[int, Any]] = [(i + 1, item) for i, item in enumerate(requests)]
-        decoded = True
-    elif media in ("application/x-ndjson", "application/jsonl", "application/json-lines"):
-        # A UTF-8 byte-order mark (as some editors write) is not part of the first line.
-        lines = body.removeprefix(b"\xef\xbb\xbf").splitlines()
-        raw_lines = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-        decoded = False
+        raw_lines, decoded = ((i + 1, item) for i, item in enumerate(requests)), True
+    elif media in JSONL_TYPES:
+        raw_lines, decoded = _jsonl_lines(stream), False
     elif media == "text/csv":
-        raw_lines = _csv_lines(body)
-        decoded = True
+        raw_lines, decoded = _csv_lines(stream), True
     else:
         raise ValidationFailed(
             "Content-Type must be application/x-ndjson (JSONL), text/csv or application/json",
             details={"content_type": content_type},
         )
-    if len(raw_lines) > max_lines:
-        raise PayloadTooLarge(f"a batch may hold at most {max_lines} lines; this one has {len(raw_lines)}")
-    if not raw_lines:
-        raise ValidationFailed("the batch has no lines")
     try:
         options = models.batch_options.model_validate(options_data)
     except pydantic.ValidationError as exc:
         raise ValidationFailed(f"batch options are invalid: {_summary(exc)}") from exc
     window_seconds(options.completion_window)  # type: ignore[attr-defined]
+    defaults = getattr(options, "params", None)
+    default_params = {} if defaults is None else defaults.model_dump(exclude_none=True)
+    return Submission(options, raw_lines, decoded, default_params)
 
-    parsed = ParsedBatch(options)
+
+def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> Iterator[list[Any]]:
+    """Validate the submission's lines as they are read, yielding one compact item row per line for
+    `BatchStore.stage`: [job id, question, course, top_k, params, custom_id].
+
+    Job ids are made here; the batch's default params are merged under each line's own. Rows stop at the first
+    bad line (every line is still checked); at the end, `ValidationFailed` names the bad lines, or
+    `PayloadTooLarge` is raised as soon as there are more than `max_lines`. So the caller must discard what
+    it stored of the rows unless this iterator ends normally.
+    """
     errors = _LineErrors()
     first_seen: dict[str, int] = {}
     line_model = models.batch_line
-    for number, raw in raw_lines:
+    default_params = submission.default_params
+    count = 0
+    for number, raw in submission.raw_lines:
+        count += 1
+        if count > max_lines:
+            raise PayloadTooLarge(f"a batch may hold at most {max_lines} lines; this one has more")
         try:
-            line = line_model.model_validate(raw) if decoded else line_model.model_validate_json(raw)
+            line: Any = line_model.model_validate(raw) if submission.decoded else line_model.model_validate_json(raw)
         except pydantic.ValidationError as exc:
             errors.add(number, _summary(exc))
             continue
-        custom_id: str = line.custom_id  # type: ignore[attr-defined]
+        custom_id: str = line.custom_id
+        problem = _merged_params_problem(default_params, line)
+        if problem:
+            errors.add(number, problem)
+            continue
         if custom_id in first_seen:
             errors.add(number, f"duplicate custom_id {custom_id!r} (first on line {first_seen[custom_id]})")
             continue
         first_seen[custom_id] = number
-        parsed.lines.append((custom_id, line))
+        if errors.count:
+            continue
+        # Read the validated fields directly: model_dump per line is a large share of accepting 100,000.
+        params = line.params.model_dump(exclude_none=True) if line.params.model_fields_set else {}
+        yield [str(uuid.uuid4()), line.question, line.course, line.top_k, {**default_params, **params}, custom_id]
     errors.raise_if_any()
-    return parsed
+    if not count:
+        raise ValidationFailed("the batch has no lines")
 
 
-def _csv_lines(body: bytes) -> list[tuple[int, Any]]:
-    """CSV rows as dicts with `question`, `course` and `custom_id` (row number when absent); other columns ignored."""
+def _merged_params_problem(default_params: dict[str, Any], line: Any) -> str | None:
+    """Why a line's params merged over the batch's default params cannot run (each alone is valid), or None."""
+    if not default_params:
+        return None
+    own = line.params
+    merged = {**default_params, **{k: v for k, v in own if v is not None}}
     try:
-        text = body.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValidationFailed(f"CSV is not UTF-8: {exc}") from exc
+        check_token_range(merged.get("min_new_tokens"), merged.get("max_new_tokens"))
+    except ValueError as exc:
+        return f"params (with the batch's default params): {exc}"
+    return None
+
+
+def _jsonl_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL stream, numbered from 1 (blank lines count), as bytes."""
+    for number, line in enumerate(stream, start=1):
+        if number == 1:
+            # A UTF-8 byte-order mark (as some editors write) is not part of the first line.
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        if line.strip():
+            yield number, line
+
+
+def _csv_lines(stream: IO[bytes]) -> Iterator[tuple[int, Any]]:
+    """CSV rows as dicts with `question`, `course` and `custom_id` (row number when absent); other columns ignored."""
     # newline="" lets the csv module see line ends itself, as its documentation asks. strict: an unterminated
     # quote is an error, not a field that swallows every line after it.
-    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
-    rows = []
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", newline="")  # type: ignore[arg-type]
+    reader = csv.DictReader(text, strict=True)
     try:
         if reader.fieldnames is None or "question" not in reader.fieldnames:
             raise ValidationFailed("CSV needs a header row with a `question` column (and optionally course, custom_id)")
@@ -268,25 +320,13 @@ def _csv_lines(body: bytes) -> list[tuple[int, Any]]:
             item: dict[str, Any] = {"question": row.get("question") or "", "custom_id": row.get("custom_id") or str(row_number)}
             if row.get("course"):
                 item["course"] = row["course"]
-            rows.append((reader.line_num, item))
+            yield reader.line_num, item
+    except UnicodeDecodeError as exc:
+        raise ValidationFailed(f"CSV is not UTF-8: {exc}") from exc
     except csv.Error as exc:
         # line_num counts the lines of the records read so far: the broken one starts on the next line.
         line = reader.line_num + 1
         raise ValidationFailed(f"CSV is malformed in the record starting at line {line}: {exc}", details=[{"line": line}]) from exc
-    return rows
-
-
-def batch_items(parsed: ParsedBatch) -> list[list[Any]]:
-    """One compact row per line for `BatchStore.create`: [job id, question, course, top_k, params, custom_id].
-
-    Job ids are made here; the batch's default params are merged under each line's own.
-    """
-    defaults = getattr(parsed.options, "params", None)
-    default_params = {} if defaults is None else defaults.model_dump(exclude_none=True)
-    rows = []
-    for custom_id, line in parsed.lines:
-        # Read the validated fields directly: model_dump per line is a large share of accepting 100,000.
-        fields: Any = line
-        params = fields.params.model_dump(exclude_none=True) if fields.params.model_fields_set else {}
-        rows.append([str(uuid.uuid4()), fields.question, fields.course, fields.top_k, {**default_params, **params}, custom_id])
-    return rows
+    finally:
+        # The stream belongs to the caller.
+        text.detach()

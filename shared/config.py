@@ -169,6 +169,22 @@ class Settings:
     rate_limit_per_min: int = _setting(
         "RAGQ_RATE_LIMIT_PER_MIN", 12_000, "`/v1` requests per tenant per minute at most; then 429.", lo=1, hi=1_000_000_000
     )
+    max_open_batches: int = _setting(
+        "RAGQ_MAX_OPEN_BATCHES", 100, "Batches per tenant not yet ended (in progress or cancelling) at most; then 429.", lo=1, hi=1_000_000
+    )
+    max_stored_batch_items: int = _setting(
+        "RAGQ_MAX_STORED_BATCH_ITEMS",
+        1_000_000,
+        "Batch items per tenant kept in Redis at most, ended batches' items included until they expire; then 429.",
+        lo=1,
+        hi=1_000_000_000,
+    )
+    ended_batch_ttl_s: int = _setting(
+        "RAGQ_ENDED_BATCH_TTL_S", 3600, "Seconds the items of a cancelled or expired batch are kept (finished ones: RAGQ_RESULT_TTL_S).", lo=60, hi=365 * 24 * 3600
+    )
+    max_concurrent_uploads: int = _setting(
+        "RAGQ_MAX_CONCURRENT_UPLOADS", 4, "Batch uploads one API process parses at once; more get 503 with Retry-After.", lo=1, hi=1024
+    )
     fallback_tiny_model: bool = _setting(
         "RAGQ_FALLBACK_TINY_MODEL", False, "Serve a tiny local model when the configured one cannot be had."
     )

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from shared.api_keys import LOCAL_TENANT
 from shared.config import MAX_NUM_BEAMS, MAX_TOP_K, Settings
@@ -74,6 +74,16 @@ class RequestModels:
 
 COMPLETION_WINDOW = r"^[1-9][0-9]{0,6}[smhd]$"
 MAX_METADATA_KEYS = 16
+# Generation bounds: below 0.01 a temperature scales logits past float range; above 5 sampling is noise.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 5.0
+MAX_SAMPLING_TOP_K = 1000
+
+
+def check_token_range(min_new_tokens: int | None, max_new_tokens: int | None) -> None:
+    """Raise ValueError when both are set and min_new_tokens exceeds max_new_tokens."""
+    if min_new_tokens is not None and max_new_tokens is not None and min_new_tokens > max_new_tokens:
+        raise ValueError(f"min_new_tokens ({min_new_tokens}) must not exceed max_new_tokens ({max_new_tokens})")
 
 
 @functools.cache
@@ -81,13 +91,28 @@ def request_models(question_chars_cap: int, new_tokens_cap: int, model_names: tu
     """The request models with this deployment's bounds, so validation and the OpenAPI document agree."""
 
     class GenerationParams(GenerationParamsBase):
+        # Every value here must be one `generate` can run: a temperature of 1e-300 divides the logits into
+        # infinities and makes generate raise (on CUDA it can poison the process), so each knob is bounded on
+        # both sides and NaN and infinity are refused (`allow_inf_nan=False`).
         max_new_tokens: int | None = Field(None, ge=1, le=new_tokens_cap, description="Tokens to generate at most.")
-        min_new_tokens: int | None = Field(None, ge=0, le=new_tokens_cap, description="Tokens to generate at least.")
+        min_new_tokens: int | None = Field(
+            None, ge=0, le=new_tokens_cap, description="Tokens to generate at least; not above max_new_tokens."
+        )
         num_beams: int | None = Field(None, ge=1, le=MAX_NUM_BEAMS, description="Beam search width.")
         do_sample: bool | None = Field(None, description="Sample instead of greedy or beam search.")
-        temperature: float | None = Field(None, gt=0, le=5, description="Sampling temperature.")
-        top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass.")
-        top_k: int | None = Field(None, ge=1, le=1000, description="Sample from the k likeliest tokens.")
+        temperature: float | None = Field(
+            None, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, allow_inf_nan=False,
+            description=f"Sampling temperature, {MIN_TEMPERATURE} to {MAX_TEMPERATURE} (for greedy decoding leave do_sample off).",
+        )
+        top_p: float | None = Field(
+            None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass, above 0 and at most 1."
+        )
+        top_k: int | None = Field(None, ge=1, le=MAX_SAMPLING_TOP_K, description="Sample from the k likeliest tokens.")
+
+        @model_validator(mode="after")
+        def _min_within_max(self) -> Any:
+            check_token_range(self.min_new_tokens, self.max_new_tokens)
+            return self
 
     class QuestionFields(JobRequestBase):
         question: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=question_chars_cap)]

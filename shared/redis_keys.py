@@ -134,3 +134,14 @@ def tenant_rate(tenant: str, minute: int) -> str:
 def tenant_batches(tenant: str) -> str:
     """Sorted set of a tenant's batch ids by creation time: `GET /v1/batches`."""
     return f"{PREFIX}:tenant:{tenant}:batches"
+
+
+def tenant_stored_batches(tenant: str) -> str:
+    """Sorted set of a tenant's stored batches as `<batch id>:<items>`, scored by when their items expire
+    (+inf while the batch is open): the open-batch and stored-item caps are read from it."""
+    return f"{PREFIX}:tenant:{tenant}:stored-batches"
+
+
+def tenant_stored_items(tenant: str) -> str:
+    """Count of the items of the batches in `tenant_stored_batches`."""
+    return f"{PREFIX}:tenant:{tenant}:stored-items"

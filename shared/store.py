@@ -315,10 +315,18 @@ def _own_subscription(client: redis.Redis, job_id: str) -> Iterator[JobNotice]:
         pubsub.close()
 
 
+# Entries of `redis_keys.workers()` older than this whose worker has no heartbeat are dropped: the hash gains
+# one entry per worker start and would otherwise grow for ever.
+WORKER_ENTRY_KEEP_S = 24 * 3600
+
+
 def announce_worker(client: redis.Redis, worker_id: str, model_name: str) -> None:
-    """Record that a worker process has loaded `model_name` and serves it."""
-    entry = {"model": model_name, "ready_at": time.time()}
-    client.hset(redis_keys.workers(), worker_id, json.dumps(entry))
+    """Record that a worker process has loaded `model_name` and serves it; forget long-gone workers."""
+    now = time.time()
+    client.hset(redis_keys.workers(), worker_id, json.dumps({"model": model_name, "ready_at": now}))
+    for name, raw in client.hgetall(redis_keys.workers()).items():
+        if json.loads(raw)["ready_at"] < now - WORKER_ENTRY_KEEP_S and not client.exists(redis_keys.worker_alive(name)):
+            client.hdel(redis_keys.workers(), name)
 
 
 def ready_workers(client: redis.Redis, since: float, model_name: str | None = None) -> int:

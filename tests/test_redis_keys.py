@@ -64,3 +64,9 @@ def test_tenant_key_formats() -> None:
     assert redis_keys.tenant_outstanding("acme") == "ragq:tenant:acme:outstanding"
     assert redis_keys.tenant_rate("acme", 29_000_000) == "ragq:tenant:acme:rate:29000000"
     assert redis_keys.tenant_batches("acme") == "ragq:tenant:acme:batches"
+
+
+def test_tenant_batch_accounting_key_formats() -> None:
+    assert redis_keys.tenant_batches("t") == "ragq:tenant:t:batches"
+    assert redis_keys.tenant_stored_batches("t") == "ragq:tenant:t:stored-batches"
+    assert redis_keys.tenant_stored_items("t") == "ragq:tenant:t:stored-items"
