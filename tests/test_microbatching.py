@@ -128,7 +128,8 @@ def test_out_of_memory_splits_recovers_and_lowers_the_cap(retriever: Retriever, 
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     generator = Recording(t5, small_only)
-    cap = CallSizeCap(ceiling=8, recover_after_s=0.3)
+    now = [0.0]  # the cap's clock, moved by hand: a slow machine must not let it recover mid-test
+    cap = CallSizeCap(ceiling=8, recover_after_s=60, clock=lambda: now[0])
     questions = [Question(q, params={"max_new_tokens": 2}) for q in QUESTIONS]
     results = answer_microbatch(questions, retriever, generator, DEFAULT_TEMPLATE, CallLimits(cap, 1 << 30))  # type: ignore[arg-type]
     assert all(not isinstance(r, Exception) for r in results)
@@ -137,9 +138,11 @@ def test_out_of_memory_splits_recovers_and_lowers_the_cap(retriever: Retriever, 
     generator.calls.clear()
     answer_microbatch(questions[:2], retriever, generator, DEFAULT_TEMPLATE, CallLimits(cap, 1 << 30))  # type: ignore[arg-type]
     assert generator.calls == [1, 1]
-    time.sleep(0.35)
+    now[0] += 59
+    assert cap.value == 1
+    now[0] += 1
     assert cap.value == 2
-    time.sleep(0.35)
+    now[0] += 60
     assert cap.value == 4
 
 

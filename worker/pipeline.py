@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,24 +93,25 @@ class Prepared:
 class CallSizeCap:
     """The most questions one `generate` call may take: lowered after an out-of-memory error, restored later."""
 
-    def __init__(self, ceiling: int, recover_after_s: float = 60.0) -> None:
+    def __init__(self, ceiling: int, recover_after_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.ceiling = ceiling
         self.recover_after_s = recover_after_s
+        self.clock = clock
         self._value = ceiling
-        self._changed_at = time.monotonic()
+        self._changed_at = clock()
 
     @property
     def value(self) -> int:
         # Double back towards the ceiling once a quiet period has passed since the last change.
-        if self._value < self.ceiling and time.monotonic() - self._changed_at >= self.recover_after_s:
+        if self._value < self.ceiling and self.clock() - self._changed_at >= self.recover_after_s:
             self._value = min(self.ceiling, self._value * 2)
-            self._changed_at = time.monotonic()
+            self._changed_at = self.clock()
         return self._value
 
     def lower(self, failed_size: int) -> None:
         """A call of `failed_size` questions ran out of memory: allow at most half that for a while."""
         self._value = max(1, min(self._value, failed_size // 2))
-        self._changed_at = time.monotonic()
+        self._changed_at = self.clock()
 
 
 @dataclass(frozen=True)
