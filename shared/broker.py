@@ -64,6 +64,9 @@ return tostring(now)
 # of a queue to tell whether a job's message has left it (see `worker.audit`).
 SENT_HEADER = "ragq_sent"
 
+# Redis commands buffered by one publish batch before it is flushed (one LPUSH per message).
+PUBLISH_BATCH_MAX = 1000
+
 
 def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> str:
     """Note the jobs as sent now (Redis's clock; returned): from here on the message audit sees they get a message."""
@@ -93,8 +96,15 @@ def enqueue_many(
     if sent_at is None:
         sent_at = mark_sent(client, model_name, job_ids)
     queue = redis_keys.model_batch_queue(model_name) if batch_item else redis_keys.model_queue(model_name)
-    for job_id in job_ids:
-        app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at})
+    if len(job_ids) == 1:
+        app.send_task(ANSWER_TASK, args=job_ids, queue=queue, headers={SENT_HEADER: sent_at})
+        return
+    # Many (the feeder's): one producer and one Redis pipeline for all of them (kombu's publish batch) instead of
+    # a pool checkout, a client and a round trip per message; a failed flush raises, and the jobs, noted as sent,
+    # are sent again by the message audit.
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH_MAX):
+        for job_id in job_ids:
+            app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at}, producer=producer)
 
 
 def send_again(app: Celery, client: redis.Redis, job: Job, *, sent_at: str | None = None) -> None:

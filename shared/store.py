@@ -129,6 +129,14 @@ _TRANSITION_LUA = _LUA_LIB + """
 return transition(KEYS[1], ARGV[3], set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]))
 """
 
+# KEYS[1] job; ARGV as above. The transition, then the job's fields if it applied: a claim and its read in one
+# round trip.
+_CLAIM_LUA = _LUA_LIB + """
+local outcome = transition(KEYS[1], ARGV[3], set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]))
+if outcome[1] == 1 then table.insert(outcome, redis.call('HGETALL', KEYS[1])) end
+return outcome
+"""
+
 # KEYS: job keys; ARGV as above. Returns how many jobs moved.
 _BULK_TRANSITION_LUA = _LUA_LIB + """
 local allowed, fields, moved = set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]), 0
@@ -203,6 +211,7 @@ class JobStore:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self._transition = client.register_script(_TRANSITION_LUA)
+        self._claim = client.register_script(_CLAIM_LUA)
         self._bulk_transition = client.register_script(_BULK_TRANSITION_LUA)
         self._batch_status = client.register_script(_BATCH_STATUS_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
@@ -251,6 +260,18 @@ class JobStore:
         sources = [s.value for s in allowed_sources(target)]
         applied, previous = self._transition(keys=[redis_keys.job(job_id)], args=self._args(target.value, sources, fields))
         return Transition(bool(applied), JobStatus(previous) if previous else None)
+
+    def claim(self, job_id: str, **fields: Any) -> tuple[Transition, Job | None]:
+        """`transition(job_id, RUNNING, **fields)` and, if it applied, the job as it is then, in one round trip."""
+        sources = [s.value for s in allowed_sources(JobStatus.RUNNING)]
+        applied, previous, *rest = self._claim(
+            keys=[redis_keys.job(job_id)], args=self._args(JobStatus.RUNNING.value, sources, fields)
+        )
+        outcome = Transition(bool(applied), JobStatus(previous) if previous else None)
+        if not rest:
+            return outcome, None
+        flat = rest[0]
+        return outcome, Job.from_redis(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     def transition_many(self, job_ids: Sequence[str], target: JobStatus, only_from: Sequence[JobStatus], **fields: Any) -> int:
         """Move every job of `job_ids` whose status is in `only_from` to `target`; returns how many moved."""

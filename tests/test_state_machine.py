@@ -50,6 +50,24 @@ def test_running_claims_count_attempts(store: JobStore) -> None:
     assert store.get(job.id).attempts == 2
 
 
+@pytest.mark.parametrize("source", list(JobStatus))
+def test_claim_returns_the_job_exactly_when_the_running_transition_applies(store: JobStore, source: JobStatus) -> None:
+    job = make_job(store, source)
+    outcome, claimed = store.claim(job.id, worker="w1", started_at=1.5)
+    assert outcome.applied is (JobStatus.RUNNING in TRANSITIONS[source])
+    assert outcome.previous is source
+    if outcome.applied:
+        assert claimed == store.get(job.id)
+        assert (claimed.status, claimed.worker, claimed.started_at, claimed.attempts) == (JobStatus.RUNNING, "w1", 1.5, 1)
+    else:
+        assert claimed is None
+
+
+def test_claim_of_unknown_job_returns_nothing(store: JobStore) -> None:
+    outcome, claimed = store.claim("missing", worker="w1")
+    assert (outcome.applied, outcome.previous, claimed) == (False, None, None)
+
+
 def test_cancel_racing_completion_yields_one_final_state(store: JobStore) -> None:
     for _ in range(20):
         job = make_job(store)

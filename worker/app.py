@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from kombu import Queue
 
 from shared import redis_keys
@@ -17,6 +18,38 @@ from worker import runtime
 from worker.tasks import run_job
 
 log = logging.getLogger(__name__)
+
+
+class ReuseRedisClients(bootsteps.StartStopStep):
+    """Kombu's Redis channel builds a new `redis.Redis` for every command it sends outside BRPOP: two per message
+    (the unacked stash when it arrives, the ack), and building one costs more than the command (redis-py fills a
+    dict of some 200 response callbacks each time). The consumer's channel gets one client per connection pool
+    instead: a client is only a pool and its settings, safe to share between threads, and a new pool after a
+    reconnect gets a new client."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        channel = getattr(c.task_consumer, "channel", None)
+        if channel is not None and hasattr(channel, "Client") and not getattr(channel.Client, "ragq_reusing", False):
+            channel.Client = _reusing_clients(channel, channel.Client)
+
+
+def _reusing_clients(channel: Any, make: Callable[..., Any]) -> Callable[..., Any]:
+    """`make`, but returning the same client while asked again for the channel's current (synchronous) pool."""
+    held: list[Any] = [None, None]  # the pool, its client
+
+    def client(**kwargs: Any) -> Any:
+        pool = kwargs.get("connection_pool")
+        if set(kwargs) != {"connection_pool"} or pool is None or pool is not getattr(channel, "_pool", None):
+            return make(**kwargs)
+        if held[0] is not pool:
+            held[1] = make(**kwargs)
+            held[0] = pool
+        return held[1]
+
+    client.ragq_reusing = True  # type: ignore[attr-defined]
+    return client
 
 
 def create_app(settings: Settings) -> Celery:
@@ -71,6 +104,7 @@ def create_app(settings: Settings) -> Celery:
         # After Celery's warm shutdown has let the running tasks finish: stops the engine process cleanly.
         runtime.shutdown()
 
+    app.steps["consumer"].add(ReuseRedisClients)
     signals.worker_init.connect(load_before_consuming, weak=False)
     signals.worker_shutdown.connect(stop_model, weak=False)
     signals.task_received.connect(note_received, weak=False)

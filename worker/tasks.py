@@ -34,13 +34,13 @@ def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -
     on_its_way = resident.handoff.interactive_on_its_way(job_id) if interactive_message else nullcontext()
     try:
         with on_its_way:
-            claim = resident.store.transition(job_id, JobStatus.RUNNING, started_at=started_at, worker=resident.worker_name)
-            if not claim.applied:
+            # The claim and the read of the job it returns are one script: one round trip.
+            claim, job = resident.store.claim(job_id, started_at=started_at, worker=resident.worker_name)
+            if job is None:
                 # Cancelled before pick-up, already finished (a redelivered message), or expired.
                 log.info("skipping job %s: status is %s", job_id, claim.previous)
                 resident.store.redis.srem(redis_keys.worker_jobs(resident.worker_name), job_id)
                 return None
-            job = resident.store.get(job_id)
             resident.ledger.record("run", job_id, resident.worker_name)
             if job.attempts > resident.settings.max_attempts:
                 # Delivered again after its worker died each time: it may be what kills them.
