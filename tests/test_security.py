@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from shared import redis_keys
 from cli.main import main as ragq
 from shared.config import Settings
 from shared.errors import ConfigError
-from shared.jobs import JobStatus
+from shared.jobs import Job, JobStatus
 from shared.api_keys import KeyRing, hash_key, read_keys_file
 from shared.store import JobStore
 
@@ -217,3 +218,21 @@ def test_serve_without_keys_refuses_a_public_address(monkeypatch: pytest.MonkeyP
         monkeypatch.delenv(name, raising=False)
     assert ragq(["serve", "--host", "0.0.0.0"]) == 2
     assert "loopback" in capsys.readouterr().err
+
+
+def test_an_unexpected_worker_error_reaches_the_client_as_a_stable_message(store: JobStore, settings: Settings) -> None:
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from worker.ledger import Ledger
+    from worker.tasks import INTERNAL_ERROR_MESSAGE, _await_and_store
+
+    store.create(Job(id="boom", status=JobStatus.QUEUED, question="q", model="tiny-t5", created_at=time.time()))
+    store.transition("boom", JobStatus.RUNNING, worker="w@h")
+    resident = SimpleNamespace(store=store, settings=settings, served_by="tiny-t5", ledger=Ledger(None), worker_name="w@h")
+    future: Future[object] = Future()
+    future.set_exception(RuntimeError("CUDA error: device-side assert triggered at /opt/secret/path 0x7f3a"))
+    _await_and_store(resident, "boom", time.time(), time.time(), future)  # type: ignore[arg-type]
+    error = store.get("boom").error
+    assert error == {"type": "internal_error", "message": INTERNAL_ERROR_MESSAGE}
+    assert "CUDA" not in str(error) and "/opt/secret" not in str(error)

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STORE_RETRY_S = 120
+# What a client learns of an unexpected failure; the worker's log has the exception, under the job's id.
+INTERNAL_ERROR_MESSAGE = "the worker could not answer this job because of an internal error; its log has the details"
 
 
 def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -> JobStatus | None:
@@ -72,8 +74,9 @@ def _await_and_store(
     except GenerationError as exc:
         return _fail(resident, job_id, started_at, "generation_error", str(exc))
     except Exception as exc:  # one job's failure must never take the worker down
-        log.error("job %s failed: %r", job_id, exc)
-        return _fail(resident, job_id, started_at, "internal_error", f"{type(exc).__name__}: {exc}")
+        # The exception's text (a library's, CUDA's, with addresses and paths) is for the operator's log only.
+        log.error("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
+        return _fail(resident, job_id, started_at, "internal_error", INTERNAL_ERROR_MESSAGE)
     if isinstance(outcome, Skipped):
         log.info("job %s was cancelled while it waited for its microbatch", job_id)
         return None
