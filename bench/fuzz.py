@@ -2,7 +2,8 @@
 
 Starts an embedded Redis and the API under gunicorn (API keys on; no worker, so jobs stay queued), loads
 `/openapi.json` with schemathesis and sends at least `--cases` generated requests (valid and invalid ones,
-spread over every operation). Every response must be documented for its operation, match the documented
+spread over every operation), then `--sequences` stateful call sequences chained by the links schemathesis
+infers (a `POST` that creates a job or batch, then `GET`, cancel or results of that very id). Every response must be documented for its operation, match the documented
 schema (JobView, BatchView, Error, ...), and never be a server error. Prints a table of the cases per
 operation and status, and writes `--json PATH`.
 """
@@ -102,6 +103,64 @@ def fuzz(schema: Any, cases: int, base_url: str | None = None, headers: dict[str
     }
 
 
+def fuzz_stateful(
+    schema: Any, examples: int, steps: int = 6, base_url: str | None = None, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Sequences of calls chained by the links schemathesis infers from the document (a `POST` creating a job
+    or batch, then the `GET`, cancel and results of that very id), each response checked as in `fuzz`."""
+    from hypothesis import HealthCheck, Phase, settings
+    from hypothesis.errors import FlakyStrategyDefinition
+    from schemathesis.checks import FailureGroup, ignored_auth, positive_data_acceptance
+
+    excluded = [ignored_auth, positive_data_acceptance]  # as in `fuzz`, for the same reasons
+    statuses: Counter[str] = Counter()
+    failures: list[dict[str, str]] = []
+
+    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"headers": headers or {}, **({"base_url": base_url} if base_url else {})}
+
+        def before_call(self, case: Any) -> None:
+            # A linked `GET` waits on a job no worker serves: keep long-polls short so sequences keep moving.
+            if case.query and isinstance(case.query.get("wait"), int | float):
+                case.query["wait"] = min(case.query["wait"], 0.2)
+
+        def validate_response(self, response: Any, case: Any, **_: Any) -> None:
+            statuses[f"{case.operation.label} -> {response.status_code}"] += 1
+            try:
+                case.validate_response(response, excluded_checks=excluded)
+            except FailureGroup as exc:
+                failures.append({"operation": case.operation.label, "status": str(response.status_code), "failure": str(exc)[:3000]})
+
+    run_settings = settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        database=None,
+        # Generation only: later steps depend on ids the server made up (new on every run), so replaying a
+        # sequence to shrink it cannot take the same path; failures are recorded per response, never raised.
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    try:
+        Machine.run(settings=run_settings)
+    except FlakyStrategyDefinition:
+        # Later steps depend on ids the server made up, so Hypothesis may find two sequences that began alike
+        # going different ways and stop; what was sent until then is counted.
+        stopped_early = True
+    else:
+        stopped_early = False
+    server_errors = sum(n for label, n in statuses.items() if label.rsplit(" ", 1)[1].startswith("5"))
+    return {
+        "calls": sum(statuses.values()),
+        "stopped_early": stopped_early,
+        "server_errors": server_errors,
+        "check_failures": len(failures),
+        "failures": failures[:20],
+        "statuses": dict(sorted(statuses.items())),
+    }
+
+
 def _lost_in_transit(case: Any, failures: BaseExceptionGroup[Any]) -> bool:
     """A "schema-violating request accepted" whose violation never left the client: a query parameter whose
     value is null or an empty list, which HTTP clients leave out, so the request sent was a valid one."""
@@ -114,6 +173,7 @@ def _lost_in_transit(case: Any, failures: BaseExceptionGroup[Any]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=1000, help="generated requests in all (default 1000)")
+    parser.add_argument("--sequences", type=int, default=200, help="stateful call sequences (default 200; 0: none)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     import schemathesis
@@ -126,16 +186,29 @@ def main(argv: list[str] | None = None) -> int:
         schema = schemathesis.openapi.from_url(f"{stack.url}/openapi.json")
         figures = fuzz(schema, args.cases, base_url=stack.url, headers=HEADERS)
         figures["seconds"] = round(time.monotonic() - started, 1)
+        if args.sequences:
+            started = time.monotonic()
+            stateful = fuzz_stateful(schema, args.sequences, base_url=stack.url, headers=HEADERS)
+            stateful["seconds"] = round(time.monotonic() - started, 1)
+            figures["stateful"] = stateful
     finally:
         stack.close()
     table = {k: v for k, v in figures.items() if k not in ("statuses", "failures")}
     report(table | {f"  {label}": n for label, n in figures["statuses"].items()}, None)
-    for failure in figures["failures"]:
+    stateful = figures.get("stateful")
+    if stateful:
+        print("\nstateful sequences (links from a POST to the GET, cancel and results of what it created):")
+        rows = {k: v for k, v in stateful.items() if k not in ("statuses", "failures")}
+        report(rows | {f"  {label}": n for label, n in stateful["statuses"].items()}, None)
+    for failure in figures["failures"] + (stateful["failures"] if stateful else []):
         print(f"FAILED {failure['operation']} -> {failure['status']}: {failure['failure']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))
-    return 0 if figures["server_errors"] == 0 and figures["check_failures"] == 0 else 1
+    problems = figures["server_errors"] + figures["check_failures"]
+    if stateful:
+        problems += stateful["server_errors"] + stateful["check_failures"]
+    return 0 if problems == 0 else 1
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import os
 
 # Without this a Hugging Face hub lookup hangs for about 50 s on a machine without internet.
@@ -33,12 +35,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
+# Kept when a test empties Redis: the session's workers' heartbeats and readiness registry. Without its
+# heartbeat a worker looks dead for up to a heartbeat interval, and another worker's reaper sends its jobs again
+# (a job then counts two claims).
+_WORKER_KEYS = re.compile(r"ragq:worker:.+:alive|ragq:workers")
+
+
+def empty_redis(client: redis.Redis) -> None:
+    """Delete every key but the session's workers' heartbeats and registry."""
+    doomed = [key for key in client.scan_iter(count=1000) if not _WORKER_KEYS.fullmatch(key)]
+    for start in range(0, len(doomed), 1000):
+        client.delete(*doomed[start : start + 1000])
+
+
 @pytest.fixture
 def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
     client = connect(redis_server.url)
-    client.flushdb()
+    empty_redis(client)
     yield client
-    client.flushdb()
+    empty_redis(client)
     client.close()
 
 

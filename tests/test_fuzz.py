@@ -11,7 +11,7 @@ import redis
 import schemathesis
 
 from api import create_app
-from bench.fuzz import FUZZ_KEY, HEADERS, fuzz
+from bench.fuzz import FUZZ_KEY, HEADERS, fuzz, fuzz_stateful
 from shared.config import Settings
 
 
@@ -30,3 +30,23 @@ def test_fuzzed_requests_get_documented_answers_and_no_server_error(settings: Se
     statuses = figures["statuses"]
     assert statuses.get("POST /v1/jobs -> 202") and statuses.get("POST /v1/jobs -> 422")
     assert statuses.get("POST /v1/batches -> 202") and statuses.get("POST /v1/batches -> 422")
+
+
+def test_stateful_sequences_reach_what_they_created_and_get_documented_answers(settings: Settings, redis_client: redis.Redis) -> None:
+    fuzzed = dataclasses.replace(
+        settings, default_model=settings.model("unserved"), extra_models=(settings.default_model,),
+        api_keys=f"fuzz:{FUZZ_KEY}", rate_limit_per_min=1_000_000,
+    )
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", create_app(fuzzed))
+    statuses: dict[str, int] = {}
+    # Hypothesis may stop a run early (later steps depend on ids the server made up): up to three runs.
+    for _ in range(3):
+        figures = fuzz_stateful(schema, 40, headers=HEADERS)
+        assert figures["server_errors"] == 0, figures["statuses"]
+        assert figures["check_failures"] == 0, figures["failures"]
+        for label, n in figures["statuses"].items():
+            statuses[label] = statuses.get(label, 0) + n
+        if statuses.get("GET /v1/jobs/{job_id} -> 200") or statuses.get("DELETE /v1/jobs/{job_id} -> 200"):
+            break
+    # Calls chained by links reach the jobs that were created (200, not the 404 of a random id).
+    assert statuses.get("GET /v1/jobs/{job_id} -> 200") or statuses.get("DELETE /v1/jobs/{job_id} -> 200"), statuses

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -67,6 +68,10 @@ def portable(result: Generated | BaseException) -> Generated | BaseException:
 
 def serve(conn: Connection, options: EngineOptions) -> None:
     """The engine process's main function."""
+    # The worker decides when the engine ends (`stop`, or its end of the pipe closing): a SIGTERM or Ctrl-C sent
+    # to the whole process group must not kill the engine under a worker that is finishing its jobs.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=options.log_level, format="[%(asctime)s: %(levelname)s/engine %(process)d] %(message)s")
     started = time.monotonic()
     try:
