@@ -35,14 +35,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
-# Kept when a test empties Redis: the session's workers' heartbeats and readiness registry. Without its
-# heartbeat a worker looks dead for up to a heartbeat interval, and another worker's reaper sends its jobs again
-# (a job then counts two claims).
-_WORKER_KEYS = re.compile(r"ragq:worker:.+:alive|ragq:workers")
+# Kept when a test empties Redis: the session's workers' heartbeats. Without its heartbeat a worker looks dead
+# for up to a heartbeat interval, and another worker's reaper sends its jobs again (a job then counts two claims).
+_WORKER_KEYS = re.compile(r"ragq:worker:.+:alive")
 
 
 def empty_redis(client: redis.Redis) -> None:
-    """Delete every key but the session's workers' heartbeats and registry."""
+    """Delete every key but the session's workers' heartbeats (`tests.helpers.data_keys` leaves them out too)."""
     doomed = [key for key in client.scan_iter(count=1000) if not _WORKER_KEYS.fullmatch(key)]
     for start in range(0, len(doomed), 1000):
         client.delete(*doomed[start : start + 1000])

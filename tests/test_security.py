@@ -20,6 +20,7 @@ from shared.errors import ConfigError
 from shared.jobs import Job, JobStatus
 from shared.api_keys import KeyRing, hash_key, read_keys_file
 from shared.store import JobStore
+from tests.helpers import data_keys
 
 ACME_KEY = "acme-key-0123456789abcdef"
 BETA_KEY = "beta-key-0123456789abcdef"
@@ -46,7 +47,7 @@ def test_v1_routes_need_a_valid_bearer_key(keyed: FlaskClient, headers: dict[str
         assert response.status_code == 401, (method, path)
         assert response.get_json()["error"]["type"] == "unauthorized"
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == set()
 
 
 def test_health_and_openapi_need_no_key(keyed: FlaskClient) -> None:
