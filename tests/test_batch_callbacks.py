@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
@@ -18,14 +17,13 @@ import redis
 from flask.testing import FlaskClient
 
 from api import create_app
-from cli.redis_server import free_port
 from shared import redis_keys
 from shared.batch_store import BatchStore
 from shared.batches import Batch
 from shared.callback_signing import sign, tenant_secret, verify
 from shared.config import Settings
 from shared.store import JobStore
-from tests.helpers import WorkerProcess, data_keys
+from tests.helpers import Receiver, WorkerProcess, data_keys
 from tests.test_batches import FAST, ended, items, jsonl, submit, wait_for_batch
 from worker.callbacks import CallbackSender
 
@@ -38,33 +36,6 @@ def verify_like_the_readme(secret: str, body: bytes, header: str) -> bool:
         return False
     expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, fields["v1"])
-
-
-class Receiver:
-    """A callback receiver on loopback: fails its first `failures` requests with 500."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.requests.append((dict(self.headers), body))
-                self.send_response(500 if len(receiver.requests) <= receiver.failures else 204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = HTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
 
 
 @pytest.fixture

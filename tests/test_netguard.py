@@ -4,16 +4,14 @@ once (as the sender reads it), and the sender connects to the address that was c
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
 
-from cli.redis_server import free_port
 from shared import netguard
 from shared.netguard import RefusedURL, destination, non_public_reason
+from tests.helpers import Receiver
 from worker.callbacks import post
 
 PUBLIC_IP = "93.184.216.34"
@@ -178,37 +176,15 @@ def test_allowing_private_addresses_keeps_the_parsing_rules() -> None:
         assert non_public_reason(url, allow_private=True) is not None, url
 
 
-class _Receiver:
-    """A loopback HTTP server that records the Host header of each request."""
-
-    def __init__(self) -> None:
-        self.hosts: list[str] = []
-        hosts = self.hosts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                hosts.append(self.headers["Host"])
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.port = free_port()
-        self.server = HTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def receiver() -> Iterator[_Receiver]:
-    r = _Receiver()
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
     yield r
     r.server.shutdown()
     r.server.server_close()
 
 
-def test_the_sender_connects_to_the_checked_address_not_a_new_resolution(receiver: _Receiver) -> None:
+def test_the_sender_connects_to_the_checked_address_not_a_new_resolution(receiver: Receiver) -> None:
     # DNS rebinding: the name is checked while it points at the receiver, then re-pointed. The sender must not ask
     # again; it connects to the address checked and sends the name as Host.
     FAKE_DNS["rebind.example"] = ["127.0.0.1"]
@@ -218,4 +194,4 @@ def test_the_sender_connects_to_the_checked_address_not_a_new_resolution(receive
         assert post(target, b"{}", {"Content-Type": "application/json"}, deadline_s=5.0) == 204
     finally:
         del FAKE_DNS["rebind.example"]
-    assert receiver.hosts == [f"rebind.example:{receiver.port}"]
+    assert [headers["Host"] for headers, _ in receiver.requests] == [f"rebind.example:{receiver.port}"]
