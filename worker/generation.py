@@ -261,11 +261,12 @@ class ChatGenerator(Generator):
         requests = [self._session.submit(p, max_new_tokens=max_new) for p in ids]
         outcomes = self._session.wait(requests)
         results = []
+        stop_ids = self._stop_ids()
         for prompt_ids, request in zip(ids, requests, strict=True):
             outcome = outcomes[request]
             if isinstance(outcome, ContinuousFailed):
                 raise outcome
-            completion = _until_stop(list(outcome), self._stop_ids())
+            completion = _until_stop(list(outcome), stop_ids)
             text = self.tokenizer.decode(completion, skip_special_tokens=True).strip()
             results.append(Generation(text, len(prompt_ids), len(completion), tuple(completion)))
         return results
