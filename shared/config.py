@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,12 @@ class Settings:
     callback_ports: str = _setting(
         "RAGQ_CALLBACK_PORTS", DEFAULT_CALLBACK_PORTS, "Ports a callback may go to on a public address (any port on an allowed private one)."
     )
+    callback_deadline_s: float = _setting(
+        "RAGQ_CALLBACK_DEADLINE_S", 10.0, "One callback attempt, connecting to reading the answer, at most.", lo=1, hi=120
+    )
+    callback_ca_file: Path | None = _setting(
+        "RAGQ_CALLBACK_CA_FILE", None, "PEM bundle trusted for HTTPS callbacks instead of certifi's (an internal CA)."
+    )
     api_keys: str | None = _setting(
         "RAGQ_API_KEYS", None, "API keys as `tenant:key,...` (for development; prefer a keys file).", secret=True
     )
@@ -298,8 +305,18 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "data_dir": Path,
     "execution_ledger": Path,
     "api_keys_file": Path,
+    "callback_ca_file": lambda raw: _readable_file(Path(raw)),
     "callback_ports": lambda raw: ",".join(str(port) for port in sorted(parse_ports(raw))),
 }
+def _readable_file(path: Path) -> Path:
+    # Checked at start, so a typo stops the worker at once instead of failing every HTTPS callback later.
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read it ({exc.strerror})") from exc
+    return path
+
+
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "engine": {"process", "thread"},
@@ -320,8 +337,10 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
             if raw.lower() not in {"1", "0", "true", "false", "yes", "no"}:
                 raise ValueError("must be 1 or 0")
             return raw.lower() in {"1", "true", "yes"}
-        if f.type in ("int", "int | None"):
-            number = int(raw)
+        if f.type in ("int", "int | None", "float", "float | None"):
+            number = int(raw) if f.type.startswith("int") else float(raw)
+            if not math.isfinite(number):
+                raise ValueError("must be a finite number")
             lo, hi = f.metadata["lo"], f.metadata["hi"]
             if (lo is not None and number < lo) or (hi is not None and number > hi):
                 raise ValueError(f"must be between {lo} and {hi}")

@@ -48,11 +48,20 @@ def test_unknown_ragq_variable_is_rejected() -> None:
         ({"RAGQ_MODELS": "a=x,a=y"}, "repeats a model name"),
         ({"RAGQ_MODELS": "bad name=x"}, "model name"),
         ({"RAGQ_WORKER_MODEL": "ghost"}, "not served"),
+        ({"RAGQ_CALLBACK_DEADLINE_S": "0.5"}, "between 1 and 120"),
+        ({"RAGQ_CALLBACK_DEADLINE_S": "inf"}, "finite"),
+        ({"RAGQ_CALLBACK_DEADLINE_S": "soon"}, "RAGQ_CALLBACK_DEADLINE_S"),
+        ({"RAGQ_CALLBACK_CA_FILE": "/nonexistent/ca.pem"}, "cannot read it"),
     ],
 )
 def test_bad_values_are_rejected_with_the_variable_named(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_fractional_settings_parse_as_numbers() -> None:
+    assert Settings.from_env({"RAGQ_CALLBACK_DEADLINE_S": "2.5"}).callback_deadline_s == 2.5
+    assert Settings.from_env({}).callback_deadline_s == 10.0
 
 
 def test_task_time_limit_must_be_below_visibility_timeout() -> None:

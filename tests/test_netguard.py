@@ -4,14 +4,18 @@ once (as the sender reads it), and the sender connects to the address that was c
 from __future__ import annotations
 
 import socket
+import ssl
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shared import netguard
 from shared.netguard import RefusedURL, destination, non_public_reason
-from tests.helpers import Receiver
+from tests.helpers import Receiver, free_port, self_signed_certificate
 from worker.callbacks import post
 
 PUBLIC_IP = "93.184.216.34"
@@ -195,3 +199,78 @@ def test_the_sender_connects_to_the_checked_address_not_a_new_resolution(receive
     finally:
         del FAKE_DNS["rebind.example"]
     assert [headers["Host"] for headers, _ in receiver.requests] == [f"rebind.example:{receiver.port}"]
+
+
+class TlsReceiver:
+    """An HTTPS receiver on loopback presenting a certificate for `host`; records each request's Host header and
+    the TLS server name the client asked for."""
+
+    def __init__(self, certificate: Path, key: Path) -> None:
+        self.hosts: list[str] = []
+        self.server_names: list[str | None] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.hosts.append(self.headers["Host"])
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, key)
+        context.sni_callback = lambda sock, name, ctx: receiver.server_names.append(name)  # type: ignore[assignment]
+        self.port = free_port()
+        self.server = HTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def hook_certificate(tmp_path: Path) -> Iterator[tuple[Path, TlsReceiver]]:
+    certificate, key = self_signed_certificate(tmp_path, "hook.example")
+    receiver = TlsReceiver(certificate, key)
+    FAKE_DNS["hook.example"] = ["127.0.0.1"]
+    yield certificate, receiver
+    del FAKE_DNS["hook.example"]
+    receiver.close()
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_urls_host(
+    hook_certificate: tuple[Path, TlsReceiver],
+) -> None:
+    certificate, receiver = hook_certificate
+    target = destination(f"https://hook.example:{receiver.port}/hook", allow_private=True)
+    FAKE_DNS["hook.example"] = ["10.255.255.1"]  # re-pointed after the check: must not matter
+    assert post(target, b"{}", {"Content-Type": "application/json"}, deadline_s=5.0, ca_file=certificate) == 204
+    assert receiver.hosts == [f"hook.example:{receiver.port}"]
+    assert receiver.server_names == ["hook.example"]
+
+
+def test_https_refuses_a_certificate_not_signed_by_a_trusted_ca(hook_certificate: tuple[Path, TlsReceiver]) -> None:
+    _, receiver = hook_certificate
+    target = destination(f"https://hook.example:{receiver.port}/hook", allow_private=True)
+    with pytest.raises(ssl.SSLCertVerificationError, match="(?i)certificate"):
+        post(target, b"{}", {}, deadline_s=5.0)  # certifi's bundle: the self-signed certificate is not in it
+    assert receiver.hosts == []
+
+
+def test_https_refuses_a_certificate_for_another_host(
+    hook_certificate: tuple[Path, TlsReceiver], tmp_path: Path
+) -> None:
+    certificate, receiver = hook_certificate
+    FAKE_DNS["other.example"] = ["127.0.0.1"]
+    try:
+        target = destination(f"https://other.example:{receiver.port}/hook", allow_private=True)
+        with pytest.raises(ssl.SSLCertVerificationError, match="(?i)hostname"):
+            post(target, b"{}", {}, deadline_s=5.0, ca_file=certificate)
+    finally:
+        del FAKE_DNS["other.example"]
+    assert receiver.hosts == []

@@ -4,7 +4,7 @@ Guarantees: every due callback (`ragq:callbacks`, scheduled when a batch ends) i
 delivered (a 2xx answer) or `CALLBACK_MAX_ATTEMPTS` attempts have been made, with backoff between attempts
 (`retry_delay_s`); one whose batch, URL or secret is gone, or whose URL is refused (below), is dropped. An
 attempt is counted in Redis before its request is sent, so a receiver that hangs or a worker that dies
-mid-send still uses up attempts, and each attempt ends within `CALLBACK_DEADLINE_S` in all (connecting,
+mid-send still uses up attempts, and each attempt ends within `RAGQ_CALLBACK_DEADLINE_S` in all (connecting,
 TLS, sending, and reading at most `RESPONSE_READ_MAX_BYTES` of the answer), however slowly the receiver
 talks. Each body carries `Ragq-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "t.body">`, keyed with the
 batch tenant's secret (`shared.callback_signing`). A claimed callback is leased for `CALLBACK_LEASE_S` (longer
@@ -12,7 +12,8 @@ than an attempt), so two workers do not send it at the same time (a worker dying
 again after the lease: a receiver may see a duplicate, never a gap).
 The URL is checked at sending by `shared.netguard` (public addresses and `RAGQ_CALLBACK_PORTS` only, unless
 `RAGQ_CALLBACK_ALLOW_PRIVATE=1`), and the request goes to the very address that was checked, with the URL's host
-as Host header and TLS server name; redirects are not followed.
+as Host header and TLS server name; redirects are not followed. HTTPS receivers must present a certificate for the
+URL's host signed by a CA in certifi's bundle, or in `RAGQ_CALLBACK_CA_FILE` (receivers behind an internal CA).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import certifi
@@ -37,7 +39,8 @@ from shared.netguard import DEFAULT_PORTS, Destination, RefusedURL, destination,
 
 log = logging.getLogger(__name__)
 
-# One attempt, start to end: a receiver sending a byte now and then cannot hold a worker thread longer.
+# One attempt, start to end, unless `RAGQ_CALLBACK_DEADLINE_S` says otherwise: a receiver sending a byte now and
+# then cannot hold a worker thread longer.
 CALLBACK_DEADLINE_S = 10.0
 CALLBACK_MAX_ATTEMPTS = 8
 CALLBACK_LEASE_S = 60.0
@@ -108,8 +111,14 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """As `_PinnedHTTPConnection`, over TLS whose certificate must name the URL's host."""
 
-    def __init__(self, target: Destination, timeout: float, on_connect: Callable[[socket.socket], None]) -> None:
-        context = ssl.create_default_context(cafile=certifi.where())
+    def __init__(
+        self,
+        target: Destination,
+        timeout: float,
+        on_connect: Callable[[socket.socket], None],
+        ca_file: Path | None = None,
+    ) -> None:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else certifi.where())
         super().__init__(target.host, target.port, timeout=timeout, context=context)
         self._target, self._on_connect = target, on_connect
 
@@ -119,12 +128,17 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self._target.host)  # type: ignore[attr-defined]
 
 
-def post(target: Destination, body: bytes, headers: Mapping[str, str], deadline_s: float) -> int:
+def post(
+    target: Destination, body: bytes, headers: Mapping[str, str], deadline_s: float, ca_file: Path | None = None
+) -> int:
     """POST `body` to `target` and return the answer's status, all within `deadline_s`; OSError or
-    http.client.HTTPException when it fails or the deadline passes first."""
+    http.client.HTTPException when it fails or the deadline passes first. HTTPS trusts `ca_file`, else certifi."""
     watchdog = _Watchdog(time.monotonic() + deadline_s)
-    kind = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
-    connection = kind(target, deadline_s, watchdog.arm)
+    connection: http.client.HTTPConnection
+    if target.scheme == "https":
+        connection = _PinnedHTTPSConnection(target, deadline_s, watchdog.arm, ca_file)
+    else:
+        connection = _PinnedHTTPConnection(target, deadline_s, watchdog.arm)
     try:
         connection.request("POST", target.target, body=body, headers={"Host": target.host_header, **headers})
         response = connection.getresponse()
@@ -156,6 +170,7 @@ class CallbackSender:
         every_s: float = CALLBACK_IDLE_S,
         callback_ports: str = DEFAULT_PORTS,
         deadline_s: float = CALLBACK_DEADLINE_S,
+        ca_file: Path | None = None,
     ) -> None:
         self.batches = batches
         self.redis = batches.redis
@@ -163,6 +178,7 @@ class CallbackSender:
         self.callback_allow_private = callback_allow_private
         self.callback_ports = parse_ports(callback_ports)
         self.deadline_s = deadline_s
+        self.ca_file = ca_file
         self.every_s = every_s
         self._claim_callbacks = self.redis.register_script(_CLAIM_CALLBACKS_LUA)
 
@@ -203,7 +219,7 @@ class CallbackSender:
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body, int(time.time()))}
         problem: Any
         try:
-            status = post(target, body, headers, self.deadline_s)
+            status = post(target, body, headers, self.deadline_s, self.ca_file)
             delivered, problem = 200 <= status < 300, f"HTTP {status}"
         except (OSError, http.client.HTTPException, ValueError) as exc:
             delivered, problem = False, f"{type(exc).__name__}: {exc}"

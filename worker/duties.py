@@ -103,7 +103,12 @@ class Duties:
             feeder=Feeder(batches, celery, model_name, feed_depth),
             expiry=Expiry(batches),
             callbacks=CallbackSender(
-                batches, settings.callback_secret, settings.callback_allow_private, callback_ports=settings.callback_ports
+                batches,
+                settings.callback_secret,
+                settings.callback_allow_private,
+                callback_ports=settings.callback_ports,
+                deadline_s=settings.callback_deadline_s,
+                ca_file=settings.callback_ca_file,
             ),
             reaper=Reaper(store, celery, worker_name, settings.max_attempts, settings.task_time_limit_s),
             audit=MessageAudit(store, celery, model_name),
