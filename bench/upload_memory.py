@@ -3,7 +3,9 @@
 Builds a CSV and a JSONL body of about `--mb` megabytes (one non-ASCII character in each, the case that once
 cost 12x the body), posts each through the Flask test client to an API on an embedded Redis, and reports the
 `tracemalloc` peak over the request against the body size. The body itself is allocated before the
-measurement starts; the test client's copy of it into the request stream is counted.
+measurement starts; the test client's copy of it into the request stream is counted. Also reports the longest
+single Redis call of the upload (from `SLOWLOG`): the commit script makes every item permanent in one call, and
+Redis serves nobody else meanwhile.
 """
 
 from __future__ import annotations
@@ -14,12 +16,27 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from api import create_app
 from cli.redis_server import start_redis
 from shared.config import Settings
 from shared.models import ModelSpec
 from shared.store import connect
+
+# Redis calls longer than this are logged by SLOWLOG during the upload (microseconds).
+SLOWLOG_FROM_US = 1000
+
+
+def longest_call(client: Any) -> tuple[float, str]:
+    """The longest call SLOWLOG recorded, in ms, and its command (a script's first argument is its sha)."""
+    entries = client.slowlog_get(1024)
+    if not entries:
+        return 0.0, "-"
+    slowest = max(entries, key=lambda entry: entry["duration"])
+    command = slowest["command"]
+    name = (command.decode() if isinstance(command, bytes) else str(command)).split(" ")[0]
+    return slowest["duration"] / 1000, name
 
 
 def bodies(megabytes: float) -> dict[str, bytes]:
@@ -36,7 +53,9 @@ def bodies(megabytes: float) -> dict[str, bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=20.0, help="body size in MB")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         server = start_redis(Path(tmp) / "redis", appendonly=False)
         try:
@@ -47,9 +66,16 @@ def main() -> None:
                 max_batch_lines=1_000_000,
             )
             client = create_app(settings).test_client()
-            print("| body | bytes | lines | peak (tracemalloc) | peak / body | seconds |\n|---|---|---|---|---|---|")
+            print(
+                "| body | bytes | lines | peak (tracemalloc) | peak / body | seconds | longest Redis call |\n"
+                "|---|---|---|---|---|---|---|"
+            )
+            redis_client = connect(server.url)
+            redis_client.config_set("slowlog-log-slower-than", SLOWLOG_FROM_US)
+            redis_client.config_set("slowlog-max-len", 1024)
             for content_type, body in bodies(args.mb).items():
-                connect(server.url).flushdb()
+                redis_client.flushdb()
+                redis_client.slowlog_reset()
                 tracemalloc.start()
                 tracemalloc.reset_peak()
                 started = time.perf_counter()
@@ -59,11 +85,26 @@ def main() -> None:
                 tracemalloc.stop()
                 assert response.status_code == 202, response.get_data()[:500]
                 lines = response.get_json()["request_counts"]["total"]
+                longest_ms, command = longest_call(redis_client)
                 print(
-                    f"| {content_type} | {len(body):,} | {lines:,} | {peak / 1e6:.1f} MB | {peak / len(body):.2f}x | {seconds:.1f} |"
+                    f"| {content_type} | {len(body):,} | {lines:,} | {peak / 1e6:.1f} MB | {peak / len(body):.2f}x "
+                    f"| {seconds:.1f} | {longest_ms:.0f} ms ({command}) |"
+                )
+                rows.append(
+                    {
+                        "content_type": content_type,
+                        "bytes": len(body),
+                        "lines": lines,
+                        "peak_bytes": peak,
+                        "seconds": seconds,
+                        "longest_redis_call_ms": longest_ms,
+                        "longest_redis_command": command,
+                    }
                 )
         finally:
             server.stop()
+    if args.json:
+        args.json.write_text(json.dumps({"runs": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ STAGING_TTL_S = 900
 # ARGV: [1] batch record (JSON object), [2] items, [3] created_at, [4] expires_at, [5] batch id, [6] job key
 # template, [7] batch key template, [8] outstanding cap, [9] open-batches cap, [10] stored-items cap,
 # [11] the key's pending entry, [12] its final entry, [13] its TTL, [14] TTL of the tenant's keys,
-# [15] TTL of an ended (cancelled, expired) batch's items.
+# [15] TTL of an ended (cancelled, expired) batch's items, [16] the staging TTL (given back on a refusal).
 # Returns {'ok'} or {reason, number}: 'key' (the Idempotency-Key no longer names this upload), 'open',
 # 'stored', 'quota' (with the figure in use), 'missing' (a staged item expired).
 _COMMIT_LUA = with_now("""
@@ -135,11 +135,17 @@ local outstanding = tonumber(redis.call('GET', KEYS[8]) or '0')
 if outstanding + total > tonumber(ARGV[8]) then return {'quota', outstanding} end
 local ids = redis.call('LRANGE', KEYS[3], 0, -1)
 if #ids ~= total or redis.call('LLEN', KEYS[4]) ~= total then return {'missing', total - #ids} end
-for _, job_id in ipairs(ids) do
-  if redis.call('EXISTS', (string.gsub(ARGV[6], '{id}', job_id))) == 0 then return {'missing', 1} end
+-- One pass over the items (this loop is most of the script's time, and Redis serves nobody meanwhile): PERSIST
+-- answers 0 for a staged item that expired (every staged item has a TTL), and the ones made permanent before it
+-- get their staging TTL back, so a refused commit changes nothing.
+local prefix, suffix = string.match(ARGV[6], '^(.*){id}(.*)$')
+for n, job_id in ipairs(ids) do
+  if redis.call('PERSIST', prefix .. job_id .. suffix) == 0 then
+    for undo = 1, n - 1 do redis.call('EXPIRE', prefix .. ids[undo] .. suffix, ARGV[16]) end
+    return {'missing', 1}
+  end
 end
 -- Nothing can fail from here on.
-for _, job_id in ipairs(ids) do redis.call('PERSIST', (string.gsub(ARGV[6], '{id}', job_id))) end
 redis.call('PERSIST', KEYS[3])
 redis.call('PERSIST', KEYS[4])
 local record = cjson.decode(ARGV[1])
@@ -287,6 +293,7 @@ class BatchStore:
             claim.ttl_s if claim else 0,
             limits.tenant_keys_ttl_s,
             limits.ended_ttl_s,
+            STAGING_TTL_S,
         ]
         try:
             outcome, figure = self._commit(keys=keys, args=args)
