@@ -21,7 +21,7 @@ from shared.models import ModelSpec
 from shared.store import JobStore
 from worker.corpus import load_documents
 from worker.engine import EngineLane
-from worker.engine_process import EngineCrash, EngineOptions
+from worker.engine_process import EngineCrash, EngineHung, EngineOptions
 from worker.generation import load_generator, load_preparing
 from worker.microbatcher import BACKLOG, INTERACTIVE, Microbatcher
 from worker.pipeline import CallLimits, CallSizeCap, Question, answer_microbatch
@@ -52,12 +52,14 @@ def sim_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Engine:
     """An answerer, an engine lane and a microbatcher around them, with jobs in Redis to answer."""
 
-    def __init__(self, store: JobStore, retriever: Retriever, source: Path, max_size: int = 8) -> None:
+    def __init__(
+        self, store: JobStore, retriever: Retriever, source: Path, max_size: int = 8, hang_after_s: float | None = None
+    ) -> None:
         self.store = store
         preparing = load_preparing(str(source))
         self.answerer = Answerer(store, retriever, preparing, DEFAULT_TEMPLATE, CallLimits(CallSizeCap(max_size), 1 << 30))
         options = EngineOptions(str(source), "slow-sim", "cpu", "auto", None, max_size, 1 << 30)
-        self.lane = EngineLane(self.answerer, options, on_fatal=self.fatal)
+        self.lane = EngineLane(self.answerer, options, on_fatal=self.fatal, hang_after_s=hang_after_s)
         self.fatal_reasons: list[str] = []
         self.microbatcher = Microbatcher(self.answerer, max_size, wait_ms=100, lane=self.lane)
 
@@ -131,6 +133,36 @@ def test_a_job_that_crashes_the_engine_every_time_fails_alone(engine: Engine, re
         time.sleep(0.05)
     assert engine.lane.restarts == 4
     assert engine.fatal_reasons == []
+
+
+def test_a_hung_engine_is_killed_and_the_microbatches_behind_it_are_answered(
+    store: JobStore, retriever: Retriever, sim_dir: Path
+) -> None:
+    engine = Engine(store, retriever, sim_dir, hang_after_s=3.0)
+    try:
+        futures = [engine.submit(f"hang-{i}", q) for i, q in enumerate(QUESTIONS)]
+        engine.wait_until_running()
+        first_pid = engine.lane.pid
+        assert first_pid is not None
+        # Alive but silent for ever: what a deadlocked kernel or a stuck driver call looks like from outside.
+        os.kill(first_pid, signal.SIGSTOP)
+        outcomes: list[Any] = []
+        for future in futures:
+            try:
+                outcomes.append(future.result(timeout=60))
+            except Exception as exc:
+                outcomes.append(exc)
+        hung = [o for o in outcomes if isinstance(o, EngineHung)]
+        answered = [o for o in outcomes if not isinstance(o, BaseException)]
+        # The microbatch that was running fails (its tasks have given up by then); the one behind it is answered.
+        assert len(hung) == 8 and len(answered) == 8, outcomes
+        assert [a.text for a, _ in answered] == expected_texts(retriever, sim_dir, QUESTIONS[8:])
+        assert engine.lane.hangs == 1 and engine.lane.restarts == 1 and engine.lane.pid not in (None, first_pid)
+        answer, _ = engine.submit("after-hang", QUESTIONS[0]).result(timeout=30)
+        assert answer.text == expected_texts(retriever, sim_dir, QUESTIONS[:1])[0]
+        assert engine.fatal_reasons == []
+    finally:
+        engine.microbatcher.stop()
 
 
 def test_an_interactive_microbatch_goes_before_backlog_waiting_in_the_engine(engine: Engine) -> None:

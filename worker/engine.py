@@ -15,6 +15,11 @@ split in two halves, each sent again, so that an input that crashes the engine e
 log2(n) restarts and failed alone (`EngineCrash`) once it has crashed the engine twice, the last time alone.
 Every other job of its microbatch is answered, once. If a new engine cannot start `START_ATTEMPTS` times in a
 row, the worker exits: its supervisor restarts it, and its jobs go to other workers (`worker.liveness`).
+
+An engine that stays alive but stops answering (a deadlocked kernel, a stuck driver call) would hold every later
+microbatch for ever. A microbatch part running longer than `hang_after_s` (the task time limit: by then every
+job in it has timed out) is taken as hung: the engine is killed and started again, the hung part's jobs get
+`EngineHung` (not sent again: their tasks have given up), and everything else goes to the new engine.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from shared.errors import ModelLoadError
-from worker.engine_process import EngineCrash, EngineOptions, serve
+from worker.engine_process import EngineCrash, EngineHung, EngineOptions, serve
 from worker.lane import INTERACTIVE, LaneEvents
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,8 @@ START_ATTEMPTS = 3
 # A model that takes longer than this to load and warm up is taken as hung.
 START_TIMEOUT_S = 1800.0
 EXIT_ENGINE_LOST = 70
+# How often the reader looks at the running part's age while the engine says nothing.
+HANG_CHECK_S = 1.0
 
 
 @dataclass
@@ -75,11 +82,19 @@ class _Engine:
 class EngineLane:
     """The lane of `worker.lane` backed by an engine process: starts it, feeds it, restarts it when it dies."""
 
-    def __init__(self, answerer: Any, options: EngineOptions, on_fatal: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        answerer: Any,
+        options: EngineOptions,
+        on_fatal: Callable[[str], None] | None = None,
+        hang_after_s: float | None = None,
+    ) -> None:
         self.answerer = answerer
         self.options = options
         self.on_fatal = on_fatal or _exit_worker
+        self.hang_after_s = hang_after_s
         self.restarts = 0
+        self.hangs = 0
         self._events: LaneEvents | None = None
         self._lock = threading.RLock()
         self._engine: _Engine | None = None
@@ -87,6 +102,8 @@ class EngineLane:
         self._parts: dict[int, _Part] = {}
         self._part_ids = itertools.count()
         self._running_part: int | None = None
+        self._running_since = 0.0
+        self._hung_part: int | None = None
         self._stopping = False
         self._reader: threading.Thread | None = None
 
@@ -200,6 +217,10 @@ class EngineLane:
             engine = self._engine
             assert engine is not None and self._events is not None
             try:
+                if self.hang_after_s is not None:
+                    self._kill_if_hung(engine)
+                    if not engine.conn.poll(min(HANG_CHECK_S, self.hang_after_s)):
+                        continue
                 message = engine.conn.recv()
             except (EOFError, OSError):
                 if self._stopping:
@@ -217,9 +238,27 @@ class EngineLane:
             elif kind == "done":
                 self._on_done(message[1], message[2])
 
+    def _kill_if_hung(self, engine: _Engine) -> None:
+        with self._lock:
+            part_id = self._running_part
+            if part_id is None or self._hung_part is not None or self.hang_after_s is None:
+                return
+            running_s = time.monotonic() - self._running_since
+            if running_s < self.hang_after_s:
+                return
+            self._hung_part = part_id
+            self.hangs += 1
+        log.error(
+            "engine process %s ran one microbatch for %.0f s (limit %.0f s): taken as hung, killing it",
+            engine.process.pid, running_s, self.hang_after_s,
+        )
+        # The reader then sees the pipe close and restarts it, as after any death.
+        engine.process.kill()
+
     def _on_started(self, part_id: int) -> None:
         with self._lock:
             self._running_part = part_id
+            self._running_since = time.monotonic()
             part = self._parts[part_id]
             microbatch = self._microbatches[part.microbatch]
             first = microbatch.started_at is None
@@ -288,9 +327,20 @@ class EngineLane:
         Returns the microbatches now complete."""
         with self._lock:
             part_id, self._running_part = self._running_part, None
+            hung, self._hung_part = self._hung_part, None
             if part_id is None:
                 return []
             part = self._parts.pop(part_id)
+            if hung == part_id:
+                # Not split and sent again like a crash: its jobs' tasks stopped waiting at the same limit.
+                microbatch = self._microbatches[part.microbatch]
+                for i in part.indices:
+                    microbatch.results[i] = EngineHung(
+                        f"the model's engine ran this job's microbatch longer than {self.hang_after_s:.0f} s; "
+                        "it was restarted and the job not retried"
+                    )
+                microbatch.parts_left -= 1
+                return [part.microbatch] if microbatch.parts_left == 0 else []
             crashes = part.crashes + 1
             if len(part.indices) > 1:
                 middle = len(part.indices) // 2

@@ -58,6 +58,10 @@ class EngineCrash(GenerationError):
     """The engine process died every time it ran this job: its input is taken to crash the model."""
 
 
+class EngineHung(GenerationError):
+    """The engine ran this job's microbatch past the hang limit and was killed (raised in the worker only)."""
+
+
 def portable(result: Generated | BaseException) -> Generated | BaseException:
     """A result that unpickles in the worker: our own error types as they are, any other one as its text (a CUDA
     or library exception may not pickle, or need imports the worker lacks)."""

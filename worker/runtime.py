@@ -228,7 +228,7 @@ def model_lane(settings: Settings, answerer: Answerer, source: str) -> Lane:
         continuous=settings.continuous_batching == "auto",
         continuous_cache_tokens=continuous_cache_tokens(microbatch_settings(settings)),
     )
-    lane = EngineLane(answerer, options)
+    lane = EngineLane(answerer, options, hang_after_s=settings.task_time_limit_s)
     lane.start()
     return lane
 

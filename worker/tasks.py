@@ -17,7 +17,7 @@ from shared.jobs import JobStatus
 from shared.store import Transition
 from worker import pipeline
 from worker.microbatcher import BACKLOG, INTERACTIVE, MicrobatchInfo, Skipped
-from worker.engine_process import EngineCrash
+from worker.engine_process import EngineCrash, EngineHung
 from worker.generation import GenerationError
 from worker.runtime import Resident
 
@@ -71,6 +71,8 @@ def _await_and_store(
         return _fail(resident, job_id, started_at, "timeout", f"job ran longer than {limit_s} s")
     except EngineCrash as exc:
         return _fail(resident, job_id, started_at, "engine_crash", str(exc))
+    except EngineHung as exc:
+        return _fail(resident, job_id, started_at, "engine_hung", str(exc))
     except GenerationError as exc:
         return _fail(resident, job_id, started_at, "generation_error", str(exc))
     except Exception as exc:  # one job's failure must never take the worker down
