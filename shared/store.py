@@ -46,6 +46,13 @@ local RESULT_TTL = tonumber(ARGV[2])
 local function key(name, id) return (string.gsub(T[name], '{id}', id)) end
 local FINAL = {succeeded = true, failed = true, cancelled = true, expired = true}
 
+-- What a cancelled batch and its items keep instead of the result TTL (set at its commit).
+local function ended_ttl(bkey)
+  local short = tonumber(redis.call('HGET', bkey, 'ended_ttl_s') or '')
+  if short and short < RESULT_TTL then return short end
+  return RESULT_TTL
+end
+
 local function finish_batch(batch_id)
   local bkey = key('batch', batch_id)
   if redis.call('HSETNX', bkey, 'finalized', '1') == 0 then return end
@@ -59,7 +66,9 @@ local function finish_batch(batch_id)
   redis.call('ZREM', T['deadlines'], batch_id)
   local callback = redis.call('HGET', bkey, 'callback_url')
   if callback and callback ~= 'null' then redis.call('ZADD', T['callbacks'], t, batch_id) end
-  for _, name in ipairs({'batch', 'counts', 'jobs'}) do redis.call('EXPIRE', key(name, batch_id), RESULT_TTL) end
+  for _, name in ipairs({'batch', 'counts', 'jobs'}) do
+    redis.call('EXPIRE', key(name, batch_id), status == 'cancelling' and ended_ttl(bkey) or RESULT_TTL)
+  end
   redis.call('PUBLISH', key('events', batch_id), redis.call('HGET', bkey, 'status'))
 end
 
@@ -109,7 +118,12 @@ local function transition(job_key, target, allowed, fields)
       redis.call('HINCRBY', counts, current, -1)
       redis.call('HINCRBY', counts, target, 1)
       if FINAL[target] then
-        local left = redis.call('HMGET', counts, 'queued', 'running')
+        local left = redis.call('HMGET', counts, 'queued', 'running', 'cancelled')
+        -- An item that was running when its batch was cancelled keeps no more than the batch's other items.
+        -- (Looked up only once something in the batch was cancelled: most final transitions pay nothing.)
+        if tonumber(left[3] or 0) > 0 and redis.call('HGET', key('batch', batch), 'status') == 'cancelling' then
+          redis.call('EXPIRE', job_key, ended_ttl(key('batch', batch)))
+        end
         if tonumber(left[1] or 0) + tonumber(left[2] or 0) == 0 then finish_batch(batch) end
       end
     end

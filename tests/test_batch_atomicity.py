@@ -23,6 +23,7 @@ from shared.batch_store import STAGING_TTL_S, BatchLimits, BatchStore
 from shared.batches import Batch
 from shared.config import Settings
 from shared.errors import Unavailable
+from shared.jobs import JobStatus
 from shared.store import JobStore
 from tests.helpers import data_keys
 
@@ -200,6 +201,33 @@ def test_items_of_a_cancelled_batch_get_the_short_ttl(settings: Settings, redis_
     assert len(job_ids) == 5
     for key in [redis_keys.job(j) for j in job_ids] + [redis_keys.batch(batch["id"]), redis_keys.batch_counts(batch["id"])]:
         assert 0 < redis_client.ttl(key) <= 120, key
+
+
+def test_an_item_running_at_cancel_and_its_batch_get_the_short_ttl_when_it_finishes(
+    settings: Settings, store: JobStore, redis_client: redis.Redis
+) -> None:
+    client = capped(settings, ended_batch_ttl_s=120)
+    batch = submit(client, jsonl(3)).get_json()
+    job_ids = redis_client.lrange(redis_keys.batch_jobs(batch["id"]), 0, -1)
+    store.transition(job_ids[0], JobStatus.RUNNING)  # taken by a worker before the cancel
+    client.post(f"/v1/batches/{batch['id']}/cancel")
+    assert redis_client.hget(redis_keys.batch(batch["id"]), "status") == "cancelling"
+    store.transition(job_ids[0], JobStatus.SUCCEEDED, answer="late")
+    assert redis_client.hget(redis_keys.batch(batch["id"]), "status") == "cancelled"
+    own = [redis_keys.batch(batch["id"]), redis_keys.batch_counts(batch["id"]), redis_keys.batch_jobs(batch["id"])]
+    for key in [redis_keys.job(j) for j in job_ids] + own:
+        assert 0 < redis_client.ttl(key) <= 120, (key, redis_client.ttl(key))
+
+
+def test_items_of_a_completed_batch_keep_the_result_ttl(settings: Settings, store: JobStore, redis_client: redis.Redis) -> None:
+    client = capped(settings, ended_batch_ttl_s=120)
+    batch = submit(client, jsonl(2)).get_json()
+    for job_id in redis_client.lrange(redis_keys.batch_jobs(batch["id"]), 0, -1):
+        store.transition(job_id, JobStatus.RUNNING)
+        store.transition(job_id, JobStatus.SUCCEEDED, answer="a")
+        assert redis_client.ttl(redis_keys.job(job_id)) > 120
+    assert redis_client.hget(redis_keys.batch(batch["id"]), "status") == "completed"
+    assert redis_client.ttl(redis_keys.batch(batch["id"])) > 120
 
 
 def test_items_of_an_expired_batch_get_the_short_ttl(settings: Settings, store: JobStore, redis_client: redis.Redis) -> None:
