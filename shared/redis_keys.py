@@ -145,3 +145,22 @@ def tenant_stored_batches(tenant: str) -> str:
 def tenant_stored_items(tenant: str) -> str:
     """Count of the items of the batches in `tenant_stored_batches`."""
     return f"{PREFIX}:tenant:{tenant}:stored-items"
+
+
+# --- OpenAI-compatible files (api/files.py, shared/files.py) ---
+
+
+def file(file_id: str) -> str:
+    """Hash of an uploaded file's metadata (tenant, filename, bytes, purpose, created_at)."""
+    return f"{PREFIX}:file:{file_id}"
+
+
+def file_chunks(file_id: str) -> str:
+    """List of an uploaded file's content, in order, as UTF-8 text chunks of at most 64 KiB each."""
+    return f"{PREFIX}:file:{file_id}:chunks"
+
+
+def tenant_files(tenant: str) -> str:
+    """Sorted set of a tenant's files as `<file id>:<bytes>`, scored by when they expire: the per-tenant caps
+    (files, bytes) are read from it and `GET /v1/files` lists it."""
+    return f"{PREFIX}:tenant:{tenant}:files"
