@@ -11,6 +11,7 @@ from shared.errors import ValidationFailed
 def create_app(config: Settings | None = None) -> Flask:
     """The Flask app; `config` defaults to settings read from the environment."""
     from api import batches, callbacks, errors, health, jobs, openapi, state, tenancy
+    from api import models
 
     settings = config if config is not None else Settings.from_env()
     app = Flask(__name__)
@@ -24,6 +25,7 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(batches.bp)
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(models.bp)
     # OpenAI-compatible routes (files, chat completions); batches from files go through batches.bp.
     from api import files, openai_compat
 
