@@ -26,6 +26,7 @@ from shared.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, Va
 from shared.files import FileStore
 from shared.jobs import COMPLETION_WINDOW, MAX_METADATA_KEYS, Job, JobStatus
 from shared.openai_shapes import ChatRefused, Rejected
+from shared.overview import live_workers
 from shared.store import ready_workers
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -133,7 +134,7 @@ def chat_completions() -> Any:
     except ChatRefused as refused:
         raise BadRequest(refused.message, details={"code": refused.type}) from None
     job = Job.new(job_request, api.settings.default_model.name, tenant=tenancy.tenant())
-    if not ready_workers(api.store.redis, 0, job.model):
+    if not _served_now(job.model):
         raise Unavailable(f"no worker serves model {job.model!r} now; retry later", details={"model": job.model})
     with api.events.slot(tenancy.tenant()):
         with tenancy.outstanding(1) as reservation:
@@ -149,6 +150,13 @@ def chat_completions() -> Any:
         )
     error = done.error or {"type": "error", "message": done.status.value}
     return error_response(500, error.get("type", "error"), error.get("message", ""), details={"job_id": job.id, "status": done.status.value})
+
+
+def _served_now(model: str) -> bool:
+    """Whether a live worker serves `model` (by the worker registry, or a start announced since Redis was emptied):
+    a synchronous call for a model nobody serves is a 503 at once, not a wait until the timeout."""
+    client = state.get().store.redis
+    return ready_workers(client, 0, model) > 0 or any(worker.get("model") == model for worker in live_workers(client))
 
 
 def output_content(batch_id: str, kind: str, tenant: str) -> Iterator[bytes]:
