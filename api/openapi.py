@@ -7,7 +7,8 @@ from typing import Any
 from flask import Blueprint
 from pydantic.json_schema import models_json_schema
 
-from api import state
+from api import openapi_openai, state
+from api.openai_compat import FileBatchRequest
 from shared.config import MAX_WAIT_S
 from shared.batches import BatchListView
 from shared.jobs import JobStatus, JobView
@@ -135,6 +136,9 @@ def _job(description: str) -> dict[str, Any]:
 
 
 def _batch(description: str, model: str = "BatchView") -> dict[str, Any]:
+    if model == "BatchView":
+        # Batches made from an uploaded file are shown in OpenAI's shape.
+        return openapi_openai._batch(description)
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}}}
 
 
@@ -164,6 +168,7 @@ def build_document() -> dict[str, Any]:
             (requests.batch_options, "validation"),
             (JobView, "serialization"),
             (BatchListView, "serialization"),
+            (FileBatchRequest, "validation"),
         ],
         ref_template=REF,
     )
@@ -171,6 +176,7 @@ def build_document() -> dict[str, Any]:
     components["Error"] = ERROR_SCHEMA
     components["Model"] = MODEL_SCHEMA
     components["ModelList"] = MODEL_LIST_SCHEMA
+    components.update(openapi_openai.schemas())
     # The JSON form: the batch options (which allow no other field) plus `requests`. Not `allOf`, which
     # cannot add a property to a closed object.
     options = components[requests.batch_options.__name__]
@@ -252,12 +258,16 @@ def build_document() -> dict[str, Any]:
                         "content": {
                             "application/x-ndjson": {"schema": {"$ref": REF.format(model=requests.batch_line.__name__)}},
                             "text/csv": {"schema": {"type": "string"}},
-                            "application/json": {"schema": {"$ref": REF.format(model="BatchJson")}},
+                            "application/json": {
+                                "schema": {"anyOf": [{"$ref": REF.format(model="BatchJson")}, {"$ref": REF.format(model="FileBatchRequest")}]}
+                            },
                         },
                     },
                     "responses": {
                         "200": _batch("The batch an earlier request with this Idempotency-Key created"),
                         "202": _batch("Batch accepted"),
+                        "400": _error("An endpoint other than /v1/chat/completions (input_file_id form)"),
+                        "404": _error("No such input file"),
                         "409": _error("Idempotency-Key reused for another request"),
                         "413": _error("Too many lines or bytes"),
                         "422": _error("Invalid lines (details name each) or options"),
@@ -293,15 +303,17 @@ def build_document() -> dict[str, Any]:
                     "parameters": [
                         batch_id,
                         {"name": "status", "in": "query", "required": False, "schema": {"enum": [s.value for s in JobStatus]}},
+                        {"name": "merged", "in": "query", "required": False, "schema": {"enum": ["true", "false"]}},
                     ],
                     "responses": {
                         "200": {"description": "JSONL", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
                         "404": _error("No such batch"),
-                        "422": _error("Bad status"),
+                        "422": _error("Bad status or merged"),
                     },
                 }
             },
             **_models_paths(),
+            **openapi_openai.paths(),
             "/v1/callbacks/secret": {
                 "get": {
                     "summary": "The tenant's secret for verifying batch callbacks (Ragq-Signature)",
