@@ -62,8 +62,8 @@ def listing() -> dict[str, Any]:
         limit = 0
     if not 1 <= limit <= MAX_PAGE:
         raise ValidationFailed(f"limit must be an integer from 1 to {MAX_PAGE}")
-    data = file_store().listing(tenancy.tenant(), limit, request.args.get("purpose"))
-    return {"object": "list", "data": data, "has_more": False}
+    data, has_more = file_store().listing(tenancy.tenant(), limit, request.args.get("purpose"))
+    return {"object": "list", "data": data, "has_more": has_more}
 
 
 @bp.get("/<file_id>")

@@ -140,17 +140,19 @@ def chat_completions() -> Any:
         with tenancy.outstanding(1) as reservation:
             jobs_api.store_and_enqueue(job, reservation)
         done = api.store.wait_until_final(job.id, api.settings.chat_timeout_s, api.events)
+    if not done.status.is_final:
+        if api.store.transition(job.id, JobStatus.CANCELLED, finished_at=time.time()).applied:
+            return error_response(
+                504, "timeout", f"no answer within {api.settings.chat_timeout_s} s (RAGQ_CHAT_TIMEOUT_S); the job was cancelled",
+                details={"job_id": job.id},
+            )
+        done = api.store.get(job.id)  # it ended between the wait and the cancel
     if done.status is JobStatus.SUCCEEDED:
         return jsonify(openai_shapes.chat_completion(done))
-    if not done.status.is_final:
-        api.store.transition(job.id, JobStatus.CANCELLED, finished_at=time.time())
-        return error_response(
-            504, "timeout", f"no answer within {api.settings.chat_timeout_s} s (RAGQ_CHAT_TIMEOUT_S); the job was cancelled",
-            details={"job_id": job.id},
-        )
+    if done.status is JobStatus.CANCELLED:
+        return error_response(409, "conflict", "the job was cancelled (DELETE /v1/jobs/<id>)", details={"job_id": job.id})
     error = done.error or {"type": "error", "message": done.status.value}
     return error_response(500, error.get("type", "error"), error.get("message", ""), details={"job_id": job.id, "status": done.status.value})
-
 
 def _served_now(model: str) -> bool:
     """Whether a live worker serves `model` (by the worker registry, or a start announced since Redis was emptied):

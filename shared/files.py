@@ -177,8 +177,8 @@ class FileStore:
         if carry.strip():
             yield number + 1, carry
 
-    def listing(self, tenant: str, limit: int, purpose: str | None) -> list[dict[str, Any]]:
-        """The tenant's files, newest first (at most `limit`)."""
+    def listing(self, tenant: str, limit: int, purpose: str | None) -> tuple[list[dict[str, Any]], bool]:
+        """The tenant's files, newest first (at most `limit`), and whether there are more."""
         members = self.redis.zrevrangebyscore(redis_keys.tenant_files(tenant), "+inf", time.time())
         page = []
         for member in members:
@@ -188,10 +188,10 @@ class FileStore:
             except NotFound:
                 continue
             if purpose is None or found.purpose == purpose:
+                if len(page) == limit:
+                    return page, True
                 page.append(found.to_public())
-            if len(page) >= limit:
-                break
-        return page
+        return page, False
 
     def delete(self, file_id: str, tenant: str) -> None:
         found = self.get(file_id, tenant)

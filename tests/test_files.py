@@ -280,3 +280,24 @@ def test_chat_completion_without_a_worker_for_the_model_is_503_at_once(client: F
     response = client.post("/v1/chat/completions", json=request, headers=ALICE)
     assert response.status_code == 503 and MODEL in response.get_json()["error"]["message"]
     assert not redis_client.keys("ragq:job:*")
+
+
+def test_chat_completion_without_an_answer_in_time_is_504_and_cancels_the_job(settings: Settings, redis_client: redis.Redis) -> None:
+    from shared.store import announce_worker
+
+    client = make_client(settings, chat_timeout_s=1)
+    # A worker announced for the model that never takes the job (no process consumes its queue).
+    announce_worker(redis_client, "ragq-absent@nowhere", MODEL)
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "How do I join?"}]}
+    response = client.post("/v1/chat/completions", json=request, headers=ALICE)
+    assert response.status_code == 504 and response.get_json()["error"]["type"] == "timeout"
+    job = client.get(f"/v1/jobs/{response.get_json()['error']['details']['job_id']}", headers=ALICE).get_json()
+    assert job["status"] == "cancelled"
+    assert not redis_client.get(redis_keys.tenant_outstanding("alice"))
+
+
+def test_file_listing_pages_with_has_more(client: FlaskClient) -> None:
+    ids = [upload(client, jsonl([chat_line(str(i))])).get_json()["id"] for i in range(3)]
+    page = client.get("/v1/files?limit=2", headers=ALICE).get_json()
+    assert page["has_more"] is True and len(page["data"]) == 2 and set(f["id"] for f in page["data"]) <= set(ids)
+    assert client.get("/v1/files?limit=0", headers=ALICE).status_code == 422
