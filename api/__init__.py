@@ -11,6 +11,7 @@ from shared.errors import ValidationFailed
 def create_app(config: Settings | None = None) -> Flask:
     """The Flask app; `config` defaults to settings read from the environment."""
     from api import batches, callbacks, errors, health, jobs, openapi, state, tenancy
+    from api import models
 
     settings = config if config is not None else Settings.from_env()
     app = Flask(__name__)
@@ -24,6 +25,12 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(batches.bp)
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(models.bp)
+    # OpenAI-compatible routes (files, chat completions); batches from files go through batches.bp.
+    from api import files, openai_compat
+
+    app.register_blueprint(files.bp)
+    app.register_blueprint(openai_compat.bp)
     app.before_request(_reject_unknown_query_parameters)
     return app
 
@@ -33,7 +40,9 @@ QUERY_PARAMETERS: dict[str, frozenset[str]] = {
     "jobs.read": frozenset({"wait"}),
     "batches.create": frozenset({"model", "completion_window", "metadata", "params", "callback_url"}),
     "batches.listing": frozenset({"limit", "after"}),
-    "batches.results": frozenset({"status"}),
+    "batches.results": frozenset({"status", "merged"}),
+    "batches.retry": frozenset({"error_type"}),
+    "files.listing": frozenset({"purpose", "limit"}),
 }
 
 

@@ -6,19 +6,28 @@ import dataclasses
 import io
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
-from api import idempotency, state, tenancy
+from api import idempotency, openai_compat, retries, state, tenancy
 from shared import batch_store as batch_store_module
 from shared.batch_store import BatchLimits, BatchStore, IdempotencyClaim, encode_result
-from shared.batches import MAX_WINDOW_S, Batch, Submission, item_rows, new_batch_id, open_submission
+from shared.batches import (
+    MAX_WINDOW_S,
+    Batch,
+    document_submission,
+    item_rows,
+    new_batch_id,
+    open_submission,
+    read_json_document,
+)
 from shared.errors import Unavailable, ValidationFailed
 from shared.jobs import JobStatus
 from shared.netguard import non_public_reason
+from shared.openai_shapes import Rejected
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
@@ -47,39 +56,73 @@ def create() -> tuple[Response, int, dict[str, str]]:
             with idempotency.claim_pending(
                 "batch", batch_id, lambda: body.drain(stream), lambda found: store.public(found, tenant)
             ) as claim:
-                submission = open_submission(stream, request.content_type or "", query_options(), api.requests)
-                batch = _new_batch(submission.options, batch_id, tenant)
+                batch, rows = _read_submission(stream, batch_id, tenant)
                 store.check_quota(tenant, 1, limits())
-                _store_submission(store, batch, submission, stream, body, claim)
+                store_rows(store, batch, rows, claim, lambda: body.drain(stream))
         except idempotency.Replay as replay:
             return _replayed(replay.obj)  # type: ignore[arg-type]
     return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
 
 
-def _store_submission(
+def _read_submission(stream: io.BufferedReader, batch_id: str, tenant: str) -> tuple[Batch, Iterable[list[Any] | Rejected]]:
+    """The batch record and its item rows (read lazily) for any accepted body: JSONL, CSV, JSON, or OpenAI's
+    `{"input_file_id", ...}` naming an uploaded file."""
+    api = state.get()
+    content_type = request.content_type or ""
+    if content_type.split(";")[0].strip().lower() == "application/json":
+        document = read_json_document(stream)
+        if isinstance(document, dict) and "input_file_id" in document:
+            if request.args:
+                raise ValidationFailed("a batch from input_file_id takes its options in the body, not the query string")
+            return openai_compat.file_batch(document, batch_id, tenant)
+        submission = document_submission(document, query_options(), api.requests)
+    else:
+        submission = open_submission(stream, content_type, query_options(), api.requests)
+    batch = _new_batch(submission.options, batch_id, tenant)
+    return batch, item_rows(submission, api.requests, api.settings.max_batch_lines)
+
+
+def store_rows(
     store: BatchStore,
     batch: Batch,
-    submission: Submission,
-    stream: io.BufferedReader,
-    body: _HashingReader,
+    rows: Iterable[list[Any] | Rejected],
     claim: IdempotencyClaim | None,
+    fingerprint: Callable[[], str],
 ) -> None:
-    """Stage the items chunk by chunk as the lines are validated, then commit; anything staged goes if it fails."""
-    api = state.get()
+    """Stage the items chunk by chunk as the lines are validated (refused lines as failed items, in input order),
+    then commit; anything staged goes if it fails. `fingerprint` finishes reading the request and hashes it."""
     written: list[str] = []
     chunk: list[list[Any]] = []
+    refused: list[Rejected] = []
+    rejected = 0
     try:
-        for row in item_rows(submission, api.requests, api.settings.max_batch_lines):
-            chunk.append(row)
+        for row in rows:
+            if isinstance(row, Rejected):
+                if chunk:
+                    written += store.stage(batch, chunk)
+                    chunk = []
+                refused.append(row)
+                rejected += 1
+            else:
+                if refused:
+                    written += store.stage_rejected(batch, refused)
+                    refused = []
+                chunk.append(row)
             if len(chunk) == batch_store_module.CHUNK:
                 written += store.stage(batch, chunk)
                 chunk = []
+            if len(refused) == batch_store_module.CHUNK:
+                written += store.stage_rejected(batch, refused)
+                refused = []
         if chunk:
             written += store.stage(batch, chunk)
+        if refused:
+            written += store.stage_rejected(batch, refused)
+        if rejected == len(written):
+            raise ValidationFailed("no line of the batch can run; nothing was created", details={"refused_lines": rejected})
         batch.total = len(written)
-        fingerprint = body.drain(stream)
-        final = dataclasses.replace(claim, final=idempotency.final_entry(batch.id, fingerprint)) if claim else None
-        store.commit(batch, limits(), final)
+        final = dataclasses.replace(claim, final=idempotency.final_entry(batch.id, fingerprint())) if claim else None
+        store.commit(batch, limits(), final, rejected)
     except BaseException:
         store.discard(batch.id, written)
         raise
@@ -218,7 +261,36 @@ def results(batch_id: str) -> Response:
         wanted = None if status is None else JobStatus(status)
     except ValueError:
         raise ValidationFailed(f"status must be one of {', '.join(s.value for s in JobStatus)}") from None
+    merged = request.args.get("merged", "false")
+    if merged not in ("true", "false"):
+        raise ValidationFailed("merged must be true or false")
     store = batch_store()
     store.get(batch_id, tenancy.tenant())  # 404 before the stream starts
-    lines = (encode_result(result) for result in store.results(batch_id, wanted, tenancy.tenant()))
+    if merged == "true":
+        found = retries.merged_results(store, batch_id, tenancy.tenant())
+        found = (r for r in found if wanted is None or r["status"] == wanted.value)
+    else:
+        found = store.results(batch_id, wanted, tenancy.tenant())
+    lines = (encode_result(result) for result in found)
     return Response(stream_with_context(lines), mimetype="application/x-ndjson")
+
+
+@bp.post("/<batch_id>/retry")
+def retry(batch_id: str) -> tuple[Response, int, dict[str, str]]:
+    """A new batch of this ended batch's failed and expired items (`?error_type=` to choose), linked both ways;
+    202 with it. 409 when there is nothing to retry or the batch has not ended."""
+    tenant = tenancy.tenant()
+    store = batch_store()
+    new_id = new_batch_id()
+    fingerprint = idempotency.fingerprint(request.get_data(cache=False))
+    try:
+        with idempotency.claim_pending(
+            "batch", new_id, lambda: fingerprint, lambda found: store.public(found, tenant)
+        ) as claim:
+            batch, rows = retries.retry_rows(store, batch_id, new_id, tenant, request.args.getlist("error_type"))
+            store.check_quota(tenant, 1, limits())
+            store_rows(store, batch, rows, claim, lambda: fingerprint)
+            store.link_retry(batch_id, batch.id)
+    except idempotency.Replay as replay:
+        return _replayed(replay.obj)  # type: ignore[arg-type]
+    return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}

@@ -7,7 +7,8 @@ from typing import Any
 from flask import Blueprint
 from pydantic.json_schema import models_json_schema
 
-from api import state
+from api import openapi_openai, state
+from api.openai_compat import FileBatchRequest
 from shared.config import MAX_WAIT_S
 from shared.batches import BatchListView
 from shared.jobs import JobStatus, JobView
@@ -28,6 +29,104 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 
+# `/v1/models` (api/models.py, shared/overview.py): OpenAI's model object with ragq's fields added.
+_INT = {"type": "integer"}
+_NUMBER = {"type": "number"}
+_STRING = {"type": "string"}
+_ERROR_AT = {
+    "type": ["object", "null"],
+    "properties": {"type": _STRING, "message": _STRING, "at": {**_NUMBER, "description": "Unix seconds"}},
+}
+MODEL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by", "workers", "queues", "throughput", "batches", "recent_failures"],
+    "properties": {
+        "id": {**_STRING, "description": "The served model's name (what jobs and batches ask for)."},
+        "object": {"const": "model"},
+        "created": {**_INT, "description": "Unix seconds: when its oldest live worker came up (else when the API started)."},
+        "owned_by": {"const": "ragq"},
+        "workers": {
+            "type": "array",
+            "description": "Live workers of this model (they leave at shutdown, or RAGQ_WORKER_TTL_S after dying).",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": _STRING, "host": _STRING, "pid": _INT, "device": _STRING, "dtype": _STRING,
+                    "max_batch_size": {**_INT, "description": "Jobs per microbatch at most."},
+                    "max_batch_tokens": {**_INT, "description": "Padded prompt tokens x beams per generate call at most."},
+                    "engine": {"enum": ["starting", "ready", "restarting", "thread"]},
+                    "engine_restarts": _INT,
+                    "up_since": {**_NUMBER, "description": "Unix seconds."},
+                    "jobs_done": _INT,
+                    "items_per_s": {**_NUMBER, "description": "Jobs ended per second over the last minute."},
+                    "last_error": _ERROR_AT,
+                },
+            },
+        },
+        "queues": {
+            "type": "object",
+            "properties": {
+                "interactive_queued": {**_INT, "description": "Jobs waiting in the model's interactive queue."},
+                "backlog_pending": {**_INT, "description": "Batch items not yet taken by a worker."},
+                "running": {**_INT, "description": "Jobs taken by the model's live workers (running or reserved)."},
+            },
+        },
+        "throughput": {
+            "type": "array",
+            "description": "Items ended per 10 s bucket over the last 15 minutes, oldest first.",
+            "items": {"type": "object", "properties": {"t": {**_INT, "description": "Bucket start, Unix seconds."}, "items": _INT, "failed": _INT}},
+        },
+        "batches": {
+            "type": "array",
+            "description": "The caller's open batches for this model.",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": _STRING, "status": _STRING, "total": _INT, "completed": _INT, "failed": _INT,
+                    "progress": {**_NUMBER, "minimum": 0, "maximum": 1},
+                    "items_per_s": {**_NUMBER, "description": "The batch's drain rate over the last minute."},
+                    "eta_s": {"type": ["number", "null"], "description": "Seconds left at that rate; null while it is 0."},
+                    "created_at": _INT,
+                },
+            },
+        },
+        "recent_failures": {
+            "type": "array",
+            "description": "The caller's most recent failed jobs on this model, newest first (at most 20).",
+            "items": {
+                "type": "object",
+                "properties": {"job_id": _STRING, "batch_id": {"type": ["string", "null"]}, "type": _STRING, "message": _STRING, "at": _NUMBER},
+            },
+        },
+    },
+}
+MODEL_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": REF.format(model="Model")}}},
+}
+
+
+def _models_paths() -> dict[str, Any]:
+    """`/v1/models` and `/v1/models/{name}`."""
+    name = {"name": "name", "in": "path", "required": True, "schema": _STRING}
+    return {
+        "/v1/models": {
+            "get": {
+                "summary": "Served models with their live workers, queues, throughput, and the caller's batches and failures",
+                "responses": {"200": _batch("Every served model", "ModelList")},
+            }
+        },
+        "/v1/models/{name}": {
+            "get": {
+                "summary": "One served model",
+                "parameters": [name],
+                "responses": {"200": _batch("The model", "Model"), "404": _error("No served model has this name (`model_not_found`)")},
+            }
+        },
+    }
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
 
@@ -37,6 +136,9 @@ def _job(description: str) -> dict[str, Any]:
 
 
 def _batch(description: str, model: str = "BatchView") -> dict[str, Any]:
+    if model == "BatchView":
+        # Batches made from an uploaded file are shown in OpenAI's shape.
+        return openapi_openai._batch(description)
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model=model)}}}}
 
 
@@ -66,11 +168,15 @@ def build_document() -> dict[str, Any]:
             (requests.batch_options, "validation"),
             (JobView, "serialization"),
             (BatchListView, "serialization"),
+            (FileBatchRequest, "validation"),
         ],
         ref_template=REF,
     )
     components = schemas.get("$defs", {})
     components["Error"] = ERROR_SCHEMA
+    components["Model"] = MODEL_SCHEMA
+    components["ModelList"] = MODEL_LIST_SCHEMA
+    components.update(openapi_openai.schemas())
     # The JSON form: the batch options (which allow no other field) plus `requests`. Not `allOf`, which
     # cannot add a property to a closed object.
     options = components[requests.batch_options.__name__]
@@ -152,12 +258,16 @@ def build_document() -> dict[str, Any]:
                         "content": {
                             "application/x-ndjson": {"schema": {"$ref": REF.format(model=requests.batch_line.__name__)}},
                             "text/csv": {"schema": {"type": "string"}},
-                            "application/json": {"schema": {"$ref": REF.format(model="BatchJson")}},
+                            "application/json": {
+                                "schema": {"anyOf": [{"$ref": REF.format(model="BatchJson")}, {"$ref": REF.format(model="FileBatchRequest")}]}
+                            },
                         },
                     },
                     "responses": {
                         "200": _batch("The batch an earlier request with this Idempotency-Key created"),
                         "202": _batch("Batch accepted"),
+                        "400": _error("An endpoint other than /v1/chat/completions (input_file_id form)"),
+                        "404": _error("No such input file"),
                         "409": _error("Idempotency-Key reused for another request"),
                         "413": _error("Too many lines or bytes"),
                         "422": _error("Invalid lines (details name each) or options"),
@@ -193,14 +303,17 @@ def build_document() -> dict[str, Any]:
                     "parameters": [
                         batch_id,
                         {"name": "status", "in": "query", "required": False, "schema": {"enum": [s.value for s in JobStatus]}},
+                        {"name": "merged", "in": "query", "required": False, "schema": {"enum": ["true", "false"]}},
                     ],
                     "responses": {
                         "200": {"description": "JSONL", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}},
                         "404": _error("No such batch"),
-                        "422": _error("Bad status"),
+                        "422": _error("Bad status or merged"),
                     },
                 }
             },
+            **_models_paths(),
+            **openapi_openai.paths(),
             "/v1/callbacks/secret": {
                 "get": {
                     "summary": "The tenant's secret for verifying batch callbacks (Ragq-Signature)",

@@ -1,4 +1,4 @@
-"""`ragq batch submit|status|results|cancel|list`: the client side of the batch API (`/v1/batches`)."""
+"""`ragq batch submit|status|results|cancel|list|retry`: the client side of the batch API (`/v1/batches`)."""
 
 from __future__ import annotations
 
@@ -224,8 +224,17 @@ def cmd_batch_list(args: argparse.Namespace) -> int:
     return 0
 
 
+@handles_api_errors
+def cmd_batch_retry(args: argparse.Namespace) -> int:
+    """`ragq batch retry ID`: a new batch of the batch's failed and expired items; prints the new batch's id."""
+    params = {"error_type": args.error_type} if args.error_type else None
+    batch = ApiClient(args.url).request("POST", f"/v1/batches/{args.batch_id}/retry", params=params, expected=(202,)).json()
+    print(f"{batch['id']} retries {batch['retry_of']}: {batch['request_counts']['total']} item(s)")
+    return 0
+
+
 def add_batch_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `batch` (submit, status, results, cancel, list) to the `ragq` command's subparsers."""
+    """Add `batch` (submit, status, results, cancel, list, retry) to the `ragq` command's subparsers."""
     batch = commands.add_parser("batch", help="Submit and follow batches of questions.")
     batch_commands = batch.add_subparsers(required=True, metavar="BATCH_COMMAND")
 
@@ -260,6 +269,12 @@ def add_batch_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     cancel.add_argument("batch_id", metavar="ID")
     add_url_option(cancel)
     cancel.set_defaults(func=cmd_batch_cancel)
+
+    retry = batch_commands.add_parser("retry", help="Submit a batch's failed and expired items again, as a new batch.")
+    retry.add_argument("batch_id", metavar="ID")
+    retry.add_argument("--error-type", action="append", metavar="TYPE", help="only items with this error type (repeatable; `expired` for expired ones)")
+    add_url_option(retry)
+    retry.set_defaults(func=cmd_batch_retry)
 
     listing = batch_commands.add_parser("list", help="List batches, newest first.")
     listing.add_argument("--limit", type=int, default=20, help="how many (default 20)")

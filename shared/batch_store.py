@@ -21,6 +21,7 @@ from shared.batches import Batch, BatchStatus
 from shared.errors import Conflict, NotFound, TooManyRequests, Unavailable
 from shared.jobs import Job, JobStatus, omitted_defaults
 from shared.lua import with_now
+from shared.openai_shapes import Rejected
 from shared.store import JobStore
 
 CHUNK = 2000
@@ -101,12 +102,16 @@ STAGING_TTL_S = 900
 # ARGV: [1] batch record (JSON object), [2] items, [3] created_at, [4] expires_at, [5] batch id, [6] job key
 # template, [7] batch key template, [8] outstanding cap, [9] open-batches cap, [10] stored-items cap,
 # [11] the key's pending entry, [12] its final entry, [13] its TTL, [14] TTL of the tenant's keys,
-# [15] TTL of an ended (cancelled, expired) batch's items, [16] the staging TTL (given back on a refusal).
+# [15] TTL of an ended (cancelled, expired) batch's items, [16] how many staged items are refused lines (status
+# failed, in no pending list: `stage_rejected`), [17] their TTL (they never transition, so never get one later),
+# [18] the staging TTL (given back on a refusal).
 # Returns {'ok'} or {reason, number}: 'key' (the Idempotency-Key no longer names this upload), 'open',
 # 'stored', 'quota' (with the figure in use), 'missing' (a staged item expired).
 _COMMIT_LUA = with_now("""
 local now = tonumber(now())
 local total, id = tonumber(ARGV[2]), ARGV[5]
+local rejected = tonumber(ARGV[16])
+local runnable = total - rejected
 if KEYS[11] ~= '' and redis.call('GET', KEYS[11]) ~= ARGV[11] then return {'key', 0} end
 local ended = {completed = true, cancelled = true, expired = true, failed = true}
 -- Batches open at the last look: note the ones that have ended since (their items expire with their record).
@@ -132,30 +137,36 @@ if open >= tonumber(ARGV[9]) then return {'open', open} end
 local stored = tonumber(redis.call('GET', KEYS[10]) or '0')
 if stored + total > tonumber(ARGV[10]) then return {'stored', stored} end
 local outstanding = tonumber(redis.call('GET', KEYS[8]) or '0')
-if outstanding + total > tonumber(ARGV[8]) then return {'quota', outstanding} end
+if outstanding + runnable > tonumber(ARGV[8]) then return {'quota', outstanding} end
 local ids = redis.call('LRANGE', KEYS[3], 0, -1)
-if #ids ~= total or redis.call('LLEN', KEYS[4]) ~= total then return {'missing', total - #ids} end
+if #ids ~= total or redis.call('LLEN', KEYS[4]) ~= runnable then return {'missing', total - #ids} end
 -- One pass over the items (this loop is most of the script's time, and Redis serves nobody meanwhile): PERSIST
 -- answers 0 for a staged item that expired (every staged item has a TTL), and the ones made permanent before it
 -- get their staging TTL back, so a refused commit changes nothing.
 local prefix, suffix = string.match(ARGV[6], '^(.*){id}(.*)$')
 for n, job_id in ipairs(ids) do
   if redis.call('PERSIST', prefix .. job_id .. suffix) == 0 then
-    for undo = 1, n - 1 do redis.call('EXPIRE', prefix .. ids[undo] .. suffix, ARGV[16]) end
+    for undo = 1, n - 1 do redis.call('EXPIRE', prefix .. ids[undo] .. suffix, ARGV[18]) end
     return {'missing', 1}
   end
 end
 -- Nothing can fail from here on.
+if rejected > 0 then
+  for _, job_id in ipairs(ids) do
+    local job_key = prefix .. job_id .. suffix
+    if redis.call('HGET', job_key, 'status') == 'failed' then redis.call('EXPIRE', job_key, ARGV[17]) end
+  end
+end
 redis.call('PERSIST', KEYS[3])
 redis.call('PERSIST', KEYS[4])
 local record = cjson.decode(ARGV[1])
 for name, value in pairs(record) do redis.call('HSET', KEYS[1], name, value) end
 redis.call('HSET', KEYS[1], 'ended_ttl_s', ARGV[15])
-redis.call('HSET', KEYS[2], 'queued', total, 'running', 0, 'succeeded', 0, 'failed', 0, 'cancelled', 0, 'expired', 0)
+redis.call('HSET', KEYS[2], 'queued', runnable, 'running', 0, 'succeeded', 0, 'failed', rejected, 'cancelled', 0, 'expired', 0)
 redis.call('ZADD', KEYS[5], ARGV[3], id)
 redis.call('ZADD', KEYS[6], ARGV[4], id)
 redis.call('RPUSH', KEYS[7], id)
-redis.call('INCRBY', KEYS[8], total)
+redis.call('INCRBY', KEYS[8], runnable)
 redis.call('ZADD', KEYS[9], '+inf', id .. ':' .. total)
 redis.call('INCRBY', KEYS[10], total)
 -- The tenant's own accounting keys go once the tenant has been idle long enough.
@@ -184,6 +195,17 @@ for _, k in ipairs(KEYS) do
   end
 end
 return n
+"""
+
+
+# KEYS[1] the original batch; ARGV[1] the retry's id. Appends to the JSON list `retried_by` (if the batch exists).
+_LINK_LUA = """
+local raw = redis.call('HGET', KEYS[1], 'retried_by')
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ids = (raw and raw ~= 'null') and cjson.decode(raw) or {}
+table.insert(ids, ARGV[1])
+redis.call('HSET', KEYS[1], 'retried_by', cjson.encode(ids))
+return 1
 """
 
 
@@ -223,6 +245,7 @@ class BatchStore:
         self._create_items = self.redis.register_script(_CREATE_ITEMS_LUA)
         self._commit = self.redis.register_script(_COMMIT_LUA)
         self._shorten = self.redis.register_script(_SHORTEN_LUA)
+        self._link = self.redis.register_script(_LINK_LUA)
 
     def create(
         self, batch: Batch, items: list[list[Any]], limits: BatchLimits | None = None, claim: IdempotencyClaim | None = None
@@ -260,9 +283,11 @@ class BatchStore:
             raise Unavailable("the job store (Redis) failed while storing the batch; nothing was kept") from exc
         return [row[0] for row in rows]
 
-    def commit(self, batch: Batch, limits: BatchLimits, claim: IdempotencyClaim | None = None) -> None:
+    def commit(self, batch: Batch, limits: BatchLimits, claim: IdempotencyClaim | None = None, rejected: int = 0) -> None:
         """Make the staged batch real in one script: its items permanent, the batch registered and fed, counted
-        against the tenant's quota and caps, the Idempotency-Key pointed at it. Refused whole otherwise."""
+        against the tenant's quota and caps, the Idempotency-Key pointed at it. Refused whole otherwise.
+
+        `rejected` of the staged items are refused lines (`stage_rejected`): counted failed from the start."""
         tenant = batch.tenant
         keys = [
             redis_keys.batch(batch.id),
@@ -293,6 +318,8 @@ class BatchStore:
             claim.ttl_s if claim else 0,
             limits.tenant_keys_ttl_s,
             limits.ended_ttl_s,
+            rejected,
+            int(batch.expires_at - batch.created_at) + self.jobs.result_ttl_s,
             STAGING_TTL_S,
         ]
         try:
@@ -300,6 +327,41 @@ class BatchStore:
         except redis.RedisError as exc:
             raise Unavailable("the job store (Redis) failed while storing the batch; nothing was kept") from exc
         _raise_refusal(str(outcome), int(figure), batch.total, limits)
+
+    def stage_rejected(self, batch: Batch, rejected: list[Rejected]) -> list[str]:
+        """Stage refused lines as items already `failed` (in input order, in no pending list); they expire like
+        `stage`'s unless committed. Returns their ids."""
+        now = time.time()
+        jobs_key = redis_keys.batch_jobs(batch.id)
+        pipe = self.redis.pipeline(transaction=False)
+        for line in rejected:
+            job = Job(
+                id=line.job_id, status=JobStatus.FAILED, question="", model=batch.model, error=line.error,
+                created_at=batch.created_at, finished_at=now, batch_id=batch.id, custom_id=line.custom_id, tenant=batch.tenant,
+            )
+            pipe.hset(redis_keys.job(job.id), mapping=job.to_redis())
+            pipe.expire(redis_keys.job(job.id), STAGING_TTL_S)
+        pipe.rpush(jobs_key, *[line.job_id for line in rejected])
+        pipe.expire(jobs_key, STAGING_TTL_S)
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise Unavailable("the job store (Redis) failed while storing the batch; nothing was kept") from exc
+        return [line.job_id for line in rejected]
+
+    def link_retry(self, original_id: str, retry_id: str) -> None:
+        """Note on the original batch that `retry_id` retries it (the retry names its original itself)."""
+        self._link(keys=[redis_keys.batch(original_id)], args=[retry_id])
+
+    def jobs_of(self, batch_id: str) -> Iterator[Job]:
+        """The batch's items as job records, in input order, read a chunk at a time."""
+        for ids in self.job_ids(batch_id):
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(redis_keys.job(job_id))
+            for fields in pipe.execute():
+                if fields:
+                    yield Job.from_redis(fields)
 
     def discard(self, batch_id: str, job_ids: list[str]) -> None:
         """Delete what `stage` wrote for a batch never committed (best effort: its TTL deletes it anyway)."""

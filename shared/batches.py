@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Literal
 
 import pydantic
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from shared import openai_shapes
 from shared.api_keys import LOCAL_TENANT
 from shared.errors import PayloadTooLarge, ValidationFailed
 from shared.jobs import RequestModels, check_token_range, iso
@@ -76,6 +77,12 @@ class Batch:
     cancelled_at: float | None = None
     expired_at: float | None = None
     tenant: str = LOCAL_TENANT
+    # Batches made from an uploaded file (OpenAI's form) are shown in OpenAI's shape (`shared.openai_shapes`).
+    input_file_id: str | None = None
+    endpoint: str | None = None
+    # Retries (`POST /v1/batches/<id>/retry`): the batch this one retries, and the retries of this one.
+    retry_of: str | None = None
+    retried_by: list[str] | None = None
 
     @classmethod
     def new(
@@ -116,14 +123,53 @@ class Batch:
 
     def to_public(self, counts: dict[str, int]) -> dict[str, Any]:
         """The batch as the API returns it; `request_counts` always add up to `total`."""
+        if self.input_file_id is not None:
+            return self._to_openai(counts)
         data = asdict(self)
         total = data.pop("total")
-        del data["tenant"]
+        for name in ("tenant", "input_file_id", "endpoint"):
+            del data[name]
+        data["retried_by"] = data["retried_by"] or []
         for name in ("created_at", "expires_at", "in_progress_at", "completed_at", "cancelled_at", "expired_at"):
             data[name] = iso(data[name])
         data["status"] = self.status.value
         data["request_counts"] = {"total": total, **{name: counts.get(name, 0) for name in COUNT_NAMES}}
         return BatchView.model_validate({"object": "batch", **data}).model_dump(mode="json")
+
+
+    def _to_openai(self, counts: dict[str, int]) -> dict[str, Any]:
+        """OpenAI's batch object, with ragq's own fields and counts added (nothing of either is lost)."""
+        ended = self.status.has_ended
+        succeeded, failed = counts.get("succeeded", 0), counts.get("failed", 0)
+        errors = failed + counts.get("cancelled", 0) + counts.get("expired", 0)
+        data = {
+            "object": "batch",
+            "id": self.id,
+            "endpoint": self.endpoint,
+            "errors": None,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status.value,
+            "output_file_id": openai_shapes.output_file_id(self.id) if ended and succeeded else None,
+            "error_file_id": openai_shapes.error_file_id(self.id) if ended and errors else None,
+            "created_at": int(self.created_at),
+            "in_progress_at": openai_shapes.timestamp(self.in_progress_at),
+            "expires_at": int(self.expires_at),
+            "finalizing_at": None,
+            "completed_at": openai_shapes.timestamp(self.completed_at),
+            "failed_at": None,
+            "expired_at": openai_shapes.timestamp(self.expired_at),
+            "cancelling_at": None,
+            "cancelled_at": openai_shapes.timestamp(self.cancelled_at),
+            "request_counts": {
+                "total": self.total, "completed": succeeded, **{name: counts.get(name, 0) for name in COUNT_NAMES}
+            },
+            "metadata": self.metadata,
+            "model": self.model,
+            "retry_of": self.retry_of,
+            "retried_by": self.retried_by or [],
+        }
+        return OpenAIBatchView.model_validate(data).model_dump(mode="json")
 
 
 class RequestCountsView(BaseModel):
@@ -155,13 +201,47 @@ class BatchView(BaseModel):
     metadata: dict[str, str] | None
     callback_url: str | None
     request_counts: RequestCountsView
+    retry_of: str | None = Field(None, description="The batch this one retries (`POST /v1/batches/<id>/retry`).")
+    retried_by: list[str] = Field(default_factory=list, description="Batches retrying this one's failed or expired items.")
+
+
+class OpenAIRequestCountsView(RequestCountsView):
+    completed: int = Field(description="OpenAI's name for `succeeded`.")
+
+
+class OpenAIBatchView(BaseModel):
+    """A batch created from an uploaded file (`input_file_id`): OpenAI's batch object plus ragq's fields."""
+
+    object: Literal["batch"]
+    id: str
+    endpoint: str | None
+    errors: None
+    input_file_id: str
+    completion_window: str
+    status: BatchStatus
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: None
+    completed_at: int | None
+    failed_at: None
+    expired_at: int | None
+    cancelling_at: None
+    cancelled_at: int | None
+    request_counts: OpenAIRequestCountsView
+    metadata: dict[str, str] | None
+    model: str
+    retry_of: str | None
+    retried_by: list[str]
 
 
 class BatchListView(BaseModel):
     """A page of `GET /v1/batches`, newest first."""
 
     object: Literal["list"]
-    data: list[BatchView]
+    data: list[BatchView | OpenAIBatchView]
     has_more: bool
 
 
@@ -211,13 +291,31 @@ def open_submission(stream: IO[bytes], content_type: str, query_options: dict[st
     live in the body) is read whole.
     """
     media = content_type.split(";")[0].strip().lower()
+    if media == "application/json":
+        return document_submission(read_json_document(stream), query_options, models)
+    return _stream_submission(stream, media, content_type, query_options, models)
+
+
+def read_json_document(stream: IO[bytes]) -> Any:
+    """A JSON batch body, read whole (its size is bounded by `RAGQ_MAX_BATCH_BYTES`)."""
+    try:
+        return json.load(stream)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationFailed(f"body is not valid JSON: {exc}") from exc
+
+
+def document_submission(document: Any, query_options: dict[str, Any], models: RequestModels) -> Submission:
+    """The submission of a JSON batch body (`{"requests": [...], ...options}`)."""
+    return _stream_submission(document, "application/json", "application/json", query_options, models)
+
+
+def _stream_submission(
+    stream: Any, media: str, content_type: str, query_options: dict[str, Any], models: RequestModels
+) -> Submission:
     options_data = dict(query_options)
     raw_lines: Iterator[tuple[int, Any]]
     if media == "application/json":
-        try:
-            document = json.load(stream)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValidationFailed(f"body is not valid JSON: {exc}") from exc
+        document = stream
         if not isinstance(document, dict) or not isinstance(document.get("requests"), list):
             raise ValidationFailed('a JSON batch is an object with a "requests" list')
         requests = document.pop("requests")

@@ -192,8 +192,26 @@ class Settings:
     max_concurrent_uploads: int = _setting(
         "RAGQ_MAX_CONCURRENT_UPLOADS", 4, "Batch uploads one API process parses at once; more get 503 with Retry-After.", lo=1, hi=1024
     )
+    # OpenAI-compatible files and chat completions (api/files.py, api/openai_compat.py).
+    max_file_bytes_per_tenant: int = _setting(
+        "RAGQ_MAX_FILE_BYTES_PER_TENANT", 1024 * 1024 * 1024, "Bytes of uploaded files (`/v1/files`) a tenant may keep in Redis at once; then 429.",
+        lo=1024, hi=1024 * 1024 * 1024 * 1024,
+    )
+    max_files_per_tenant: int = _setting(
+        "RAGQ_MAX_FILES_PER_TENANT", 1000, "Uploaded files a tenant may keep at once; then 429.", lo=1, hi=100_000
+    )
+    file_ttl_s: int = _setting(
+        "RAGQ_FILE_TTL_S", 7 * 24 * 3600, "Seconds an uploaded file is kept (deleted earlier by `DELETE /v1/files/<id>`).", lo=60, hi=365 * 24 * 3600
+    )
+    chat_timeout_s: int = _setting(
+        "RAGQ_CHAT_TIMEOUT_S", 60, "Seconds `POST /v1/chat/completions` waits for its answer; then 504 and the job is cancelled.", lo=1, hi=600
+    )
     fallback_tiny_model: bool = _setting(
         "RAGQ_FALLBACK_TINY_MODEL", False, "Serve a tiny local model when the configured one cannot be had."
+    )
+    # The worker registry (`GET /v1/models`, `ragq status`).
+    worker_ttl_s: int = _setting(
+        "RAGQ_WORKER_TTL_S", 15, "Seconds a dead worker stays listed in `/v1/models` at most (its entry's lifetime; refreshed every 2 s or a third of this).", lo=3, hi=600
     )
 
     def __post_init__(self) -> None:

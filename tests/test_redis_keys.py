@@ -70,3 +70,9 @@ def test_tenant_batch_accounting_key_formats() -> None:
     assert redis_keys.tenant_batches("t") == "ragq:tenant:t:batches"
     assert redis_keys.tenant_stored_batches("t") == "ragq:tenant:t:stored-batches"
     assert redis_keys.tenant_stored_items("t") == "ragq:tenant:t:stored-items"
+
+
+def test_file_key_formats() -> None:
+    assert redis_keys.file("file-1") == "ragq:file:file-1"
+    assert redis_keys.file_chunks("file-1") == "ragq:file:file-1:chunks"
+    assert redis_keys.tenant_files("t") == "ragq:tenant:t:files"
