@@ -145,3 +145,10 @@ def tenant_stored_batches(tenant: str) -> str:
 def tenant_stored_items(tenant: str) -> str:
     """Count of the items of the batches in `tenant_stored_batches`."""
     return f"{PREFIX}:tenant:{tenant}:stored-items"
+
+
+# Replication barrier (shared.redis_client.wait_for_replicas): a PUBLISH here before WAIT makes WAIT cover every
+# write made so far, whichever connection made it. Nobody subscribes.
+def replication_barrier() -> str:
+    """Pub/sub channel written to (and never read) to move a connection's replication offset to the newest write."""
+    return f"{PREFIX}:replication-barrier"
