@@ -233,6 +233,9 @@ class Settings:
         check_placement_settings(self.device, self.max_memory)
         if self.worker_model is not None and self.worker_model not in names:
             raise ConfigError(f"RAGQ_WORKER_MODEL {self.worker_model!r} is not served; served: {', '.join(names)}")
+        if self.redis_min_replicas_acked and self.redis_url is None:
+            # The embedded Redis (or the default local one) has no replicas: every submission would be refused.
+            raise ConfigError("RAGQ_REDIS_MIN_REPLICAS_ACKED needs a REDIS_URL whose primary has replicas")
 
     @property
     def served_models(self) -> tuple[ModelSpec, ...]:

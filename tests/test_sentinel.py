@@ -106,6 +106,11 @@ def test_plain_redis_url_gets_no_sentinel_options() -> None:
     assert "master_name" not in broker_transport_options(settings)
 
 
+def test_replica_acks_without_a_redis_url_are_refused() -> None:
+    with pytest.raises(ConfigError, match="RAGQ_REDIS_MIN_REPLICAS_ACKED"):
+        Settings.from_env({"RAGQ_REDIS_MIN_REPLICAS_ACKED": "1"})
+
+
 def test_replication_barrier_channel_format() -> None:
     assert redis_keys.replication_barrier() == "ragq:replication-barrier"
 
