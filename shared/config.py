@@ -362,4 +362,6 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     except ConfigError as exc:
         raise ConfigError(f"{env_name}: {exc.message}") from exc
     except ValueError as exc:
-        raise ConfigError(f"{env_name}={raw!r}: {exc}") from exc
+        # A secret's value (REDIS_URL carries a password) never goes into the message: it ends up in logs.
+        shown = f"={raw!r}" if f.repr else ""
+        raise ConfigError(f"{env_name}{shown}: {exc}") from exc
