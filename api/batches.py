@@ -13,6 +13,7 @@ from typing import IO, Any
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
 from api import idempotency, openai_compat, retries, state, tenancy
+from api.jobs import confirm_replicated
 from shared import batch_store as batch_store_module
 from shared.batch_store import BatchLimits, BatchStore, IdempotencyClaim, encode_result
 from shared.batches import (
@@ -61,6 +62,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
                 store_rows(store, batch, rows, claim, lambda: body.drain(stream))
         except idempotency.Replay as replay:
             return _replayed(replay.obj)  # type: ignore[arg-type]
+    confirm_replicated(batch_id=batch.id)
     return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}
 
 
@@ -293,4 +295,5 @@ def retry(batch_id: str) -> tuple[Response, int, dict[str, str]]:
             store.link_retry(batch_id, batch.id)
     except idempotency.Replay as replay:
         return _replayed(replay.obj)  # type: ignore[arg-type]
+    confirm_replicated(batch_id=batch.id)
     return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}

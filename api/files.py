@@ -14,6 +14,7 @@ from flask import Blueprint, Response, request, stream_with_context
 
 from api import state, tenancy
 from api.batches import batch_store, upload_slot
+from api.jobs import confirm_replicated
 from api.openai_compat import output_content
 from shared import openai_shapes
 from shared.errors import BadRequest, Conflict, ValidationFailed
@@ -50,6 +51,7 @@ def upload() -> dict[str, Any]:
             raise BadRequest("the multipart body has no `file` part", details={"field": "file"})
         filename = (part.filename or "upload.jsonl")[:MAX_FILENAME_CHARS]
         stored = file_store().create(tenancy.tenant(), filename, purpose, part.stream, _limits(), settings.max_batch_bytes)
+    confirm_replicated(file_id=stored.id)
     return stored.to_public()
 
 

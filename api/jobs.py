@@ -16,6 +16,7 @@ from shared.broker import enqueue, mark_sent
 from shared.config import MAX_WAIT_S
 from shared.errors import BadRequest, Conflict, NotFound, Unavailable, ValidationFailed
 from shared.jobs import Job, JobRequestBase, JobStatus
+from shared.redis_client import wait_for_replicas
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
@@ -38,7 +39,21 @@ def submit() -> tuple[Response, int, dict[str, str]]:
             store_and_enqueue(job, reservation)
     except idempotency.Replay as replay:
         return _replayed(replay.obj)  # type: ignore[arg-type]
+    # Outside the blocks above: a job whose replicas are late stays stored, quota and Idempotency-Key included, so
+    # a retry with the same key gets this job back instead of a second one.
+    confirm_replicated(job_id=job.id)
     return jsonify(job.to_public()), 202, {"Location": url_for("jobs.read", job_id=job.id)}
+
+
+def confirm_replicated(**ids: str) -> None:
+    """Return once RAGQ_REDIS_MIN_REPLICAS_ACKED replicas hold what this request stored: an accepted submission then
+    survives a failover (docs/design.md "Failover"). 503 `replicas_not_acked`, naming `ids`, if they do not in time."""
+    api = state.get()
+    try:
+        wait_for_replicas(api.store.redis, api.settings.redis_min_replicas_acked, api.settings.redis_replica_ack_timeout_ms)
+    except Unavailable as exc:
+        exc.details = {**exc.details, **ids}
+        raise
 
 
 def _replayed(job: dict[str, Any]) -> tuple[Response, int, dict[str, str]]:

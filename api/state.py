@@ -26,7 +26,12 @@ class ApiState:
 def init_app(app: Flask, settings: Settings) -> None:
     """Create the resources once per app; connections open lazily on first use."""
     # Long-polls hold no connection of this pool (they wait on `events`'s one subscription).
-    client = connect(settings.effective_redis_url, threads=settings.api_threads)
+    client = connect(
+        settings.effective_redis_url,
+        threads=settings.api_threads,
+        sentinel_master=settings.sentinel_master,
+        sentinel_password=settings.sentinel_password,
+    )
     app.extensions["ragq"] = ApiState(
         settings=settings,
         store=JobStore(client, settings.result_ttl_s),

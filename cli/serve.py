@@ -24,7 +24,7 @@ from shared.api_keys import UNAUTHENTICATED_NOTICE, check_exposure, key_ring
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.models import ModelSpec
-from shared.store import ready_workers
+from shared.store import connect, ready_workers
 
 READY_POLL_S = 0.2
 # Importing transformers alone takes seconds; reading a config from the hub cache or disk adds little.
@@ -75,7 +75,9 @@ class Supervisor:
         env = self.start()
         if env is None:
             return 2
-        client = redis.Redis.from_url(env["REDIS_URL"], decode_responses=True, socket_connect_timeout=2)
+        client = connect(
+            env["REDIS_URL"], threads=1, sentinel_master=self.settings.sentinel_master, sentinel_password=self.settings.sentinel_password
+        )
         url = f"http://{self.settings.host}:{self.settings.port}"
         if not self._wait_until_ready(client, url, started_at):
             return 0 if self.stop_requested else 1

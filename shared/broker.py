@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from celery import Celery
 
@@ -9,13 +11,15 @@ from shared import redis_keys
 from shared.lua import with_now
 from shared.config import Settings
 from shared.jobs import Job
+from shared.redis_client import sentinel_kwargs
+from shared.redis_url import is_sentinel, parse_sentinel_url
 
 ANSWER_TASK = "ragq.answer"
 
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app configured for at-least-once delivery of JSON messages over Redis."""
-    app = Celery("ragq", broker=settings.effective_redis_url, set_as_current=False)
+    app = Celery("ragq", broker=broker_url(settings), set_as_current=False)
     app.conf.update(
         # JSON only: a pickle message is refused before anything of it runs.
         task_serializer="json",
@@ -38,7 +42,7 @@ def make_celery(settings: Settings) -> Celery:
         # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
         # queue_order_strategy "priority": a worker reads its model's interactive queue before its batch queue
         # on every fetch, instead of Kombu's default round robin.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, "queue_order_strategy": "priority"},
+        broker_transport_options=broker_transport_options(settings),
         # Off: the thread pool cannot cancel a task, and Celery treats the attempt as unrecoverable and stops
         # the worker on every broker reconnect (bench.chaos showed workers dying at a Redis restart and the
         # jobs they held timing out). Running tasks finish and store their results instead; their messages,
@@ -51,6 +55,24 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+def broker_url(settings: Settings) -> str:
+    """The broker URL Kombu wants: REDIS_URL, or for `sentinel://` one Kombu sentinel URL per sentinel."""
+    url = settings.effective_redis_url
+    return parse_sentinel_url(url).kombu_url() if is_sentinel(url) else url
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """Kombu's Redis transport options; with Sentinel also the master's name and how to log in to the sentinels."""
+    options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s, "queue_order_strategy": "priority"}
+    if is_sentinel(settings.effective_redis_url):
+        # Kombu's sentinel transport asks these sentinels for `master_name` on every (re)connection, so a
+        # worker's consumer follows a failover when Celery re-establishes its broker connection.
+        # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#configuration
+        options["master_name"] = settings.sentinel_master
+        options["sentinel_kwargs"] = sentinel_kwargs(settings.sentinel_password)
+    return options
 
 
 # KEYS[1] the model's sent set; ARGV job ids. Scores them with Redis's clock, the one clock every sender shares.

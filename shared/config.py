@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,11 @@ from shared.devices import check_placement_settings
 from shared.models import ModelSpec, parse_model_list, parse_model_spec
 from shared.netguard import DEFAULT_PORTS as DEFAULT_CALLBACK_PORTS
 from shared.netguard import parse_ports
+from shared.redis_url import check_redis_url
 
 ENV_PREFIX = "RAGQ_"
+# A Sentinel master name as `sentinel monitor` accepts it, and nothing that could smuggle a second argument.
+SENTINEL_MASTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 # Bounds that requests may never exceed, whatever the configuration says.
 MAX_TOP_K = 20
@@ -39,7 +43,28 @@ class Settings:
     """Every setting of ragq. Build it with `Settings.from_env()`; tests build it directly."""
 
     redis_url: str | None = _setting(
-        "REDIS_URL", None, "Redis for broker and job store. `ragq serve` starts an embedded one when unset.", secret=True
+        "REDIS_URL",
+        None,
+        "Redis for broker and job store: `redis://`, `rediss://`, `unix://`, or `sentinel://[:password@]host:26379,host:26379,.../db`. "
+        "`ragq serve` starts an embedded one when unset.",
+        secret=True,
+    )
+    # Redis Sentinel (README "Redis Sentinel"): used only when REDIS_URL is a sentinel:// URL.
+    sentinel_master: str = _setting(
+        "RAGQ_SENTINEL_MASTER", "mymaster", "Name of the primary the sentinels of a `sentinel://` REDIS_URL watch."
+    )
+    sentinel_password: str | None = _setting(
+        "RAGQ_SENTINEL_PASSWORD", None, "Password of the sentinels themselves (the primary's is in REDIS_URL). Unset: none.", secret=True
+    )
+    redis_min_replicas_acked: int = _setting(
+        "RAGQ_REDIS_MIN_REPLICAS_ACKED",
+        0,
+        "Replicas that must hold a submission (Redis `WAIT`) before it is answered 202; else 503. 1 with Sentinel, so a failover loses no accepted job.",
+        lo=0,
+        hi=16,
+    )
+    redis_replica_ack_timeout_ms: int = _setting(
+        "RAGQ_REDIS_REPLICA_ACK_TIMEOUT_MS", 1000, "How long a submission waits for RAGQ_REDIS_MIN_REPLICAS_ACKED replicas.", lo=1, hi=60_000
     )
     default_model: ModelSpec = _setting(
         "RAGQ_MODEL", ModelSpec.parse("flan-t5-base"), "Default model: alias, Hugging Face id or local directory."
@@ -233,6 +258,9 @@ class Settings:
         check_placement_settings(self.device, self.max_memory)
         if self.worker_model is not None and self.worker_model not in names:
             raise ConfigError(f"RAGQ_WORKER_MODEL {self.worker_model!r} is not served; served: {', '.join(names)}")
+        if self.redis_min_replicas_acked and self.redis_url is None:
+            # The embedded Redis (or the default local one) has no replicas: every submission would be refused.
+            raise ConfigError("RAGQ_REDIS_MIN_REPLICAS_ACKED needs a REDIS_URL whose primary has replicas")
 
     @property
     def served_models(self) -> tuple[ModelSpec, ...]:
@@ -363,10 +391,14 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
             if (lo is not None and number < lo) or (hi is not None and number > hi):
                 raise ValueError(f"must be between {lo} and {hi}")
             return number
-        if f.name == "redis_url" and not raw.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if f.name == "redis_url":
+            check_redis_url(raw)
+        if f.name == "sentinel_master" and not SENTINEL_MASTER_NAME.fullmatch(raw):
+            raise ValueError("must be 1..64 letters, digits, `.`, `_` or `-`")
         return raw
     except ConfigError as exc:
         raise ConfigError(f"{env_name}: {exc.message}") from exc
     except ValueError as exc:
-        raise ConfigError(f"{env_name}={raw!r}: {exc}") from exc
+        # A secret's value (REDIS_URL carries a password) never goes into the message: it ends up in logs.
+        shown = f"={raw!r}" if f.repr else ""
+        raise ConfigError(f"{env_name}{shown}: {exc}") from exc

@@ -193,3 +193,9 @@ def tenant_files(tenant: str) -> str:
     """Sorted set of a tenant's files as `<file id>:<bytes>`, scored by when they expire: the per-tenant caps
     (files, bytes) are read from it and `GET /v1/files` lists it."""
     return f"{PREFIX}:tenant:{tenant}:files"
+
+# Replication barrier (shared.redis_client.wait_for_replicas): a PUBLISH here before WAIT makes WAIT cover every
+# write made so far, whichever connection made it. Nobody subscribes.
+def replication_barrier() -> str:
+    """Pub/sub channel written to (and never read) to move a connection's replication offset to the newest write."""
+    return f"{PREFIX}:replication-barrier"

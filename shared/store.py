@@ -21,6 +21,8 @@ from shared.lua import with_now
 from shared.errors import NotFound
 from shared.api_keys import LOCAL_TENANT
 from shared.jobs import Job, JobStatus, allowed_sources
+# The one client factory lives with the URL forms it understands; re-exported here, where callers always found it.
+from shared.redis_client import connect as connect  # noqa: F401
 
 TEMPLATES = json.dumps(
     {
@@ -198,24 +200,6 @@ class Transition:
 
     applied: bool
     previous: JobStatus | None
-
-
-def connect(url: str, threads: int = 8) -> redis.Redis:
-    """A Redis client for `threads` concurrent users that fails fast when Redis is down (so the API answers 503).
-
-    Each long-poll holds a pub/sub connection while it waits and needs another to read the job, so the pool
-    allows two per thread; past that, a request waits briefly for a free connection instead of failing.
-    """
-    pool = redis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=2 * threads + 8,
-        timeout=10,
-        decode_responses=True,
-        socket_connect_timeout=3,
-        socket_timeout=10,
-        health_check_interval=30,
-    )
-    return redis.Redis(connection_pool=pool)
 
 
 class JobStore:

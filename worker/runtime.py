@@ -248,7 +248,13 @@ def load(settings: Settings, worker_name: str) -> Resident:
         generator.warm_up()
     else:
         generator, source = load_preparing_model(spec, settings)
-    store = JobStore(connect(settings.effective_redis_url, threads=caps.thread_pool_size), settings.result_ttl_s)
+    client = connect(
+        settings.effective_redis_url,
+        threads=caps.thread_pool_size,
+        sentinel_master=settings.sentinel_master,
+        sentinel_password=settings.sentinel_password,
+    )
+    store = JobStore(client, settings.result_ttl_s)
     interactive_queue = redis_keys.model_queue(spec.name)
     handoff = InteractiveHandoff(lambda: bool(store.redis.llen(interactive_queue)))
     answerer = Answerer(store, retriever, generator, template, CallLimits(CallSizeCap(caps.max_size), caps.max_tokens))
