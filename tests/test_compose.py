@@ -125,7 +125,8 @@ def flower_arguments(flower: dict[str, Any], tmp_path: Path) -> list[str]:
 
 
 def test_flower_takes_basic_auth_from_the_environment_only_when_set(config: dict[str, Any], tmp_path: Path) -> None:
-    result = compose_config("--format", "json", env={**os.environ, "REDIS_PASSWORD": "p", "FLOWER_BASIC_AUTH": "ops:s3cret"})
+    env = {**os.environ, "REDIS_PASSWORD": "p", "FLOWER_BASIC_AUTH": "ops:s3cret"}
+    result = compose_config("--format", "json", env=env)
     protected = json.loads(result.stdout)["services"]["flower"]
     assert flower_arguments(protected, tmp_path) == ["flower", "--port=5555", "--basic-auth=ops:s3cret"]
     assert flower_arguments(config["services"]["flower"], tmp_path) == ["flower", "--port=5555"]
