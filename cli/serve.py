@@ -181,7 +181,7 @@ class Supervisor:
             print(f"ragq: Redis at {without_password(env['REDIS_URL'])} (REDIS_URL)")
         device = settings.device + (" (CUDA if the worker finds one, else CPU)" if settings.device == "auto" else "")
         spec = settings.default_model
-        model = f"a stand-in for {spec.name}" if self.stand_in else f"{spec.name} ({spec.source})"
+        model = f"tiny random-weight T5 (in place of {spec.name})" if self.stand_in else f"{spec.name} ({spec.source})"
         print(f"ragq: model {model} on device {device}, {self.workers} worker(s) loading it")
         if self.verbose:
             print("ragq: the workers' and the API's logs follow here (--verbose)", flush=True)

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import compose
 import pytest
+import requests
+
+from cli.processes import stop_groups
+from cli.redis_server import EmbeddedRedis, free_port
+from tests.helpers import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 BINARY = Path(compose.__file__).parent / "docker-compose"
@@ -154,3 +162,45 @@ def test_prometheus_and_grafana_read_their_config_from_the_repository(monitoring
 def test_workers_expose_their_metrics_port_to_the_network_only(config: dict[str, Any]) -> None:
     worker = config["services"]["worker"]
     assert "9100" in [str(port) for port in worker["expose"]]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("celery", path=str(Path(sys.executable).parent)) is None, reason="celery not installed")
+def test_flowers_command_shows_a_real_worker_behind_basic_auth(
+    config: dict[str, Any], redis_server: EmbeddedRedis, t5_worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """The compose service's own command line, run here with this environment's Flower against a real worker."""
+    pytest.importorskip("flower", reason="flower is not installed (test extra)")
+    flower = config["services"]["flower"]
+    port = free_port()
+    sh, flag, script = flower["command"]
+    script = script.replace("$$", "$").replace("--port=5555", f"--port={port}")
+    env = {
+        "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
+        **{k: v or "" for k, v in flower["environment"].items()},
+        "CELERY_BROKER_URL": redis_server.url,
+        "FLOWER_CREDENTIALS": "ops:s3cret",
+    }
+    log = tmp_path / "flower.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sh, flag, script], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                health = requests.get(f"{url}/healthcheck", timeout=2)
+                break
+            except requests.RequestException:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        # The compose healthcheck's URL answers without a login; everything else needs one.
+        assert health.status_code == 200
+        assert requests.get(f"{url}/api/workers", timeout=10).status_code == 401
+        workers: dict[str, Any] = {}
+        while time.monotonic() < deadline and not workers:
+            workers = requests.get(f"{url}/api/workers?refresh=1", auth=("ops", "s3cret"), timeout=30).json()
+        assert any(name.startswith("ragq-tiny-t5-") for name in workers), workers
+    finally:
+        stop_groups([process])

@@ -16,7 +16,7 @@ import requests
 
 from cli.processes import child_env
 from cli.redis_server import free_port
-from cli.serve import check_model_in_child
+from cli.serve import check_model_in_child, without_password
 from shared.models import ModelSpec
 
 # Starts the supervisor's children and a model check in a child process.
@@ -145,7 +145,12 @@ def test_serve_prints_a_few_lines_and_keeps_the_childrens_logs_in_files(tmp_path
     output = "\n".join(lines)
     assert len(lines) <= 8, output
     assert "ragq: Redis embedded on 127.0.0.1:" in output
-    assert "ragq: model a stand-in for flan-t5-base on device auto" in output
+    assert "ragq: model tiny random-weight T5 (in place of flan-t5-base) on device auto" in output
+    # The stand-in is announced once, with the model it stands in for.
+    assert [line for line in lines if "stand-in" in line] == [
+        "ragq: meanwhile serving a tiny random-weight stand-in for google/flan-t5-base, labelled in every answer "
+        "(--no-fallback: stop instead)"
+    ]
     logs = tmp_path / "data" / "logs"
     assert f"ragq: logs in {Path('data') / 'logs'}/ (worker-1.log, api.log)" in output
     assert lines[-1].startswith(f"ragq: serving {url}  dashboard {url}/dashboard")
@@ -168,3 +173,16 @@ def test_serve_verbose_shows_the_childrens_logs_in_the_terminal(tmp_path: Path) 
         process.communicate(timeout=90)
     assert any("--verbose" in line for line in lines)
     assert not (tmp_path / "data" / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+        ("rediss://app:s3cret@redis.example.com:6380/1", "rediss://app:***@redis.example.com:6380/1"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+    ],
+)
+def test_serve_shows_redis_urls_without_their_password(url: str, shown: str) -> None:
+    assert without_password(url) == shown
