@@ -203,9 +203,8 @@ def ragq_settings(deployment: dict[str, Any]) -> Settings:
 
 def test_the_api_and_every_worker_start_on_settings_ragq_accepts() -> None:
     api = ragq_settings(by_name("Deployment")["ragq-api"])
-    downloaded = {
-        arg for c in by_name("Job")["ragq-model-download"]["spec"]["template"]["spec"]["containers"] for arg in c["args"]
-    }
+    download = by_name("Job")["ragq-model-download"]["spec"]["template"]["spec"]
+    downloaded = {arg for c in download["containers"] for arg in c["args"]}
     for model, deployment in worker_deployments().items():
         spec = ragq_settings(deployment).worker_spec
         assert spec.name == model

@@ -27,7 +27,7 @@ def cached_snapshot(cache: Path, repo_id: str, files: tuple[str, ...]) -> None:
 
 
 class _AnyAnswer(BaseHTTPRequestHandler):
-    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_HEAD(self) -> None:
         self.send_response(404)
         self.end_headers()
 

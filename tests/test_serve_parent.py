@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,10 +148,11 @@ def test_serve_prints_a_few_lines_and_keeps_the_childrens_logs_in_files(tmp_path
     assert "ragq: Redis embedded on 127.0.0.1:" in output
     assert "ragq: model tiny random-weight T5 (in place of flan-t5-base) on device auto" in output
     # The stand-in is announced once, with the model it stands in for.
-    assert [line for line in lines if "stand-in" in line] == [
+    notice = (
         "ragq: meanwhile serving a tiny random-weight stand-in for google/flan-t5-base, labelled in every answer "
         "(--no-fallback: stop instead)"
-    ]
+    )
+    assert [line for line in lines if "stand-in" in line] == [notice]
     logs = tmp_path / "data" / "logs"
     assert f"ragq: logs in {Path('data') / 'logs'}/ (worker-1.log, api.log)" in output
     assert lines[-1].startswith(f"ragq: serving {url}  dashboard {url}/dashboard")
@@ -186,3 +188,25 @@ def test_serve_verbose_shows_the_childrens_logs_in_the_terminal(tmp_path: Path) 
 )
 def test_serve_shows_redis_urls_without_their_password(url: str, shown: str) -> None:
     assert without_password(url) == shown
+
+
+def test_serve_shows_the_end_of_a_childs_log_when_it_dies(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    # A config without weights passes the model check; the worker then fails to load the model and exits 2.
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    shutil.copy(tiny_models["t5"] / "config.json", model / "config.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "cli", "serve", "--no-fallback", "--port", str(free_port())],
+        env=child_env(RAGQ_MODEL=str(model), RAGQ_DATA_DIR="data", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=SERVE_START_TIMEOUT_S,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "ragq: worker-1 (exit code 2) stopped during start-up" in result.stderr
+    log = tmp_path / "data" / "logs" / "worker-1.log"
+    assert f"ragq: the end of {Path('data') / 'logs' / 'worker-1.log'}:" in result.stderr
+    # The worker's own last words, from its log file, are in the terminal too.
+    last = log.read_text().strip().splitlines()[-1]
+    assert "could not be loaded" in last and f"  {last}" in result.stderr.splitlines()
