@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-fallback", action="store_true", help="fail instead of serving a tiny stand-in model when the model cannot be had"
     )
+    serve.add_argument(
+        "--verbose", action="store_true", help="show the workers' and the API's logs here (default: RAGQ_DATA_DIR/logs)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = commands.add_parser("worker", help="Run a Celery worker for one model's queue.")
@@ -126,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("ragq: --workers must be at least 1", file=sys.stderr)
         return 2
-    return Supervisor(settings, workers=args.workers).run()
+    return Supervisor(settings, workers=args.workers, verbose=args.verbose).run()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 The children are started as programs (`python -m worker`, `python -m api`), never imported: this process holds no
 model and never imports torch or transformers; even the check that the model can be had runs in a child
-(`python -m worker.model_check`). Each child runs in its own process group, so stopping it also stops what it
-started (Celery's pool, gunicorn's workers); on Ctrl-C or SIGTERM every group is stopped and waited for, leaving
-nothing behind.
+(`python -m worker.model_check`). Whether a hub model is cached, and whether the hub answers, is found out first
+(`cli/model_cache.py`), so an unreachable hub costs no retries. Each child runs in its own process group, so
+stopping it also stops what it started (Celery's pool, gunicorn's workers); on Ctrl-C or SIGTERM every group is
+stopped and waited for, leaving nothing behind.
+
+What the children print (Celery's banner, gunicorn, task logs) goes to one file per child under
+`RAGQ_DATA_DIR/logs` (to the terminal with `--verbose`); the terminal gets a few lines saying what runs where.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import FrameType
+from typing import IO
+from urllib.parse import urlsplit
 
 import redis
 import requests
 
+from cli.model_cache import CacheState, cache_dir, check_cache, hub_repo_id
 from cli.processes import child_env, signal_group, stop_groups
 from cli.redis_server import EmbeddedRedis, start_redis
 from shared.api_keys import UNAUTHENTICATED_NOTICE, check_exposure, key_ring
@@ -32,14 +40,20 @@ MODEL_CHECK_TIMEOUT_S = 120
 # A child that dies this often within the window is not started again: something is wrong beyond one crash.
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 60
+# Lines of a dead child's log shown in the terminal: enough for a traceback's end.
+LOG_TAIL_LINES = 15
 
 
 class Supervisor:
     """Starts, watches and stops the processes of a single-machine deployment."""
 
-    def __init__(self, settings: Settings, workers: int) -> None:
+    def __init__(self, settings: Settings, workers: int, verbose: bool = False) -> None:
         self.settings = settings
         self.workers = workers
+        # Children's output: the terminal (verbose) or one append-only file per child here.
+        self.verbose = verbose
+        self.log_dir = settings.data_dir / "logs"
+        self.stand_in = False
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.redis: EmbeddedRedis | None = None
         self.stop_requested = False
@@ -79,13 +93,10 @@ class Supervisor:
             env["REDIS_URL"], threads=1, sentinel_master=self.settings.sentinel_master, sentinel_password=self.settings.sentinel_password
         )
         url = f"http://{self.settings.host}:{self.settings.port}"
+        self._print_plan(env)
         if not self._wait_until_ready(client, url, started_at):
             return 0 if self.stop_requested else 1
-        print(
-            f"ragq: serving {url}  ({self.workers} worker(s) for {self.settings.default_model.name}; "
-            f"Redis {'embedded' if self.redis else 'from REDIS_URL'}; Ctrl-C stops)",
-            flush=True,
-        )
+        print(f"ragq: serving {url}  dashboard {url}/dashboard  (Ctrl-C stops)", flush=True)
         if not self.ring.enabled:
             print(f"ragq: {UNAUTHENTICATED_NOTICE}", flush=True)
         while not self.stop_requested:
@@ -104,26 +115,38 @@ class Supervisor:
             if process.returncode == 2 or len(recent) >= MAX_RESTARTS:
                 # Exit code 2 is a configuration or model error: starting again would fail the same way.
                 print(f"ragq: {name} exited with code {process.returncode}; stopping", file=sys.stderr, flush=True)
+                self._print_log_tail(name)
                 return False
-            print(f"ragq: {name} exited with code {process.returncode}; starting it again", file=sys.stderr, flush=True)
+            print(
+                f"ragq: {name} exited with code {process.returncode}; starting it again{self._log_hint(name)}",
+                file=sys.stderr,
+                flush=True,
+            )
             signal_group(process, signal.SIGKILL)
             self.restarts[name] = [*recent, now]
-            self.children[index] = (name, self._start("worker" if name.startswith("worker") else "api", env))
+            self.children[index] = (name, self._start(name, "worker" if name.startswith("worker") else "api", env))
         return True
 
     def _child_env(self) -> dict[str, str] | None:
         env = child_env(self.settings)
         spec = self.settings.default_model
-        problem = check_model_in_child(spec, env)
+        problem = self._model_problem(env)
         if problem:
+            advice = download_advice(spec.source)
             if not self.settings.fallback_tiny_model:
                 print(f"ragq: model {spec.name} ({spec.source}) cannot be loaded: {problem}", file=sys.stderr)
+                if advice:
+                    print(f"ragq: {advice}", file=sys.stderr)
                 return None
+            print(f"ragq: model {spec.source} cannot be had here: {problem}")
+            if advice:
+                print(f"ragq: {advice}")
             print(
-                f"ragq: model {spec.source} cannot be had here (offline and not cached?); "
-                "serving a tiny random-weight stand-in, labelled in every answer",
+                f"ragq: meanwhile serving a tiny random-weight stand-in for {spec.source}, labelled in every answer "
+                "(--no-fallback: stop instead)",
                 flush=True,
             )
+            self.stand_in = True
             # The hub is unreachable: spare each worker the wait for it.
             env["HF_HUB_OFFLINE"] = "1"
         if self.settings.redis_url is None:
@@ -137,13 +160,71 @@ class Supervisor:
             env["REDIS_URL"] = self.settings.redis_url
         return env
 
-    def _spawn(self, name: str, package: str, env: dict[str, str]) -> None:
-        self.children.append((name, self._start(package, env)))
+    def _model_problem(self, env: dict[str, str]) -> str | None:
+        """Why the default model cannot be had, or None; sets HF_HUB_OFFLINE in `env` when the hub cannot be reached."""
+        spec = self.settings.default_model
+        # Cache first, then one short request to the hub: no retries, no waiting on a hub that is not there.
+        report = check_cache(spec.source, env)
+        if report.state is CacheState.UNAVAILABLE:
+            return f"it is not in the Hugging Face cache ({cache_dir(env)}) and {report.why_unreachable}"
+        if not report.hub_reachable:
+            # Cached or local: the children read the cache without asking the hub, hence without its retries.
+            env["HF_HUB_OFFLINE"] = "1"
+        elif report.state is CacheState.DOWNLOADABLE:
+            print(f"ragq: {spec.source} is not cached yet: the workers download it into {cache_dir(env)}", flush=True)
+        return check_model_in_child(spec, env)
 
-    @staticmethod
-    def _start(package: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """`python -m worker` or `python -m api`, leading a process group of its own."""
-        return subprocess.Popen([sys.executable, "-m", package], env=env, start_new_session=True)
+    def _print_plan(self, env: dict[str, str]) -> None:
+        """A few lines: where Redis runs, which model on which device, where the logs go."""
+        settings = self.settings
+        if self.redis is not None:
+            print(f"ragq: Redis embedded on 127.0.0.1:{self.redis.port}, data in {settings.data_dir / 'redis'}")
+        else:
+            print(f"ragq: Redis at {without_password(env['REDIS_URL'])} (REDIS_URL)")
+        device = settings.device + (" (CUDA if the worker finds one, else CPU)" if settings.device == "auto" else "")
+        spec = settings.default_model
+        model = f"tiny random-weight T5 (in place of {spec.name})" if self.stand_in else f"{spec.name} ({spec.source})"
+        print(f"ragq: model {model} on device {device}, {self.workers} worker(s) loading it")
+        if self.verbose:
+            print("ragq: the workers' and the API's logs follow here (--verbose)", flush=True)
+        else:
+            names = ", ".join(self._log_path(name).name for name, _ in self.children)
+            print(f"ragq: logs in {self.log_dir}/ ({names}); --verbose shows them here", flush=True)
+
+    def _log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def _log_hint(self, name: str) -> str:
+        return "" if self.verbose else f" (log: {self._log_path(name)})"
+
+    def _print_log_tail(self, name: str) -> None:
+        """The end of a dead child's log, so that why it died is in the terminal too."""
+        if self.verbose:
+            return
+        try:
+            lines = self._log_path(name).read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            return
+        print(f"ragq: the end of {self._log_path(name)}:", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        sys.stderr.flush()
+
+    def _spawn(self, name: str, package: str, env: dict[str, str]) -> None:
+        self.children.append((name, self._start(name, package, env)))
+
+    def _start(self, name: str, package: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """`python -m worker` or `python -m api`, leading a process group of its own, its output into its log."""
+        command = [sys.executable, "-m", package]
+        if self.verbose:
+            return subprocess.Popen(command, env=env, start_new_session=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log: IO[bytes]
+        # Appended to, across restarts and runs; the child holds its own copy of the descriptor.
+        with open(self._log_path(name), "ab") as log:
+            log.write(f"--- ragq serve: {name} started {time.strftime('%Y-%m-%d %H:%M:%S %z')} ---\n".encode())
+            log.flush()
+            return subprocess.Popen(command, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
 
     def _dead_child(self) -> str | None:
         for name, process in self.children:
@@ -158,6 +239,7 @@ class Supervisor:
             dead = self._dead_child()
             if dead:
                 print(f"ragq: {dead} stopped during start-up", file=sys.stderr, flush=True)
+                self._print_log_tail(dead.split()[0])
                 return False
             if time.monotonic() > deadline:
                 print("ragq: workers did not become ready in time", file=sys.stderr, flush=True)
@@ -205,3 +287,24 @@ def check_model_in_child(spec: ModelSpec, env: dict[str, str]) -> str | None:
     output = result.stdout if result.returncode == 1 else result.stderr
     lines = output.strip().splitlines()
     return lines[-1] if lines else f"the model check exited with code {result.returncode}"
+
+
+def download_advice(source: str) -> str:
+    """What to do about a hub model that is not cached here, or '' for a local or simulated one."""
+    repo_id = hub_repo_id(source)
+    if repo_id is None:
+        return ""
+    return (
+        f"to serve it: `hf download {repo_id}` where the hub can be reached, into this cache (or copy the cache "
+        "here); or set RAGQ_MODEL to a local directory"
+    )
+
+
+def without_password(url: str) -> str:
+    """`url` with any password left out, fit for a terminal or a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
