@@ -47,7 +47,8 @@ class WorkerActivity:
         self.jobs_done = 0
         self.last_error: dict[str, Any] | None = None
         self._lock = threading.Lock()
-        self._ended_at: deque[float] = deque()
+        # [second, jobs ended in it] over the last minute: bounded by 60 entries however busy the worker is.
+        self._ended_per_s: deque[list[int]] = deque()
         self._model_buckets: Counter[tuple[int, str]] = Counter()
         self._batch_buckets: Counter[tuple[str, int]] = Counter()
         self._failures: list[tuple[str, dict[str, Any]]] = []
@@ -69,7 +70,11 @@ class WorkerActivity:
         bucket = overview.bucket_of(now)
         with self._lock:
             self.jobs_done += 1
-            self._ended_at.append(now)
+            second = int(now)
+            if self._ended_per_s and self._ended_per_s[-1][0] == second:
+                self._ended_per_s[-1][1] += 1
+            else:
+                self._ended_per_s.append([second, 1])
             self._model_buckets[(bucket, outcome)] += 1
             if job.batch_id:
                 self._batch_buckets[(job.batch_id, bucket)] += 1
@@ -77,9 +82,10 @@ class WorkerActivity:
     def items_per_s(self, now: float) -> float:
         """Jobs this worker ended per second over the last minute (or since it started, if later)."""
         with self._lock:
-            while self._ended_at and self._ended_at[0] < now - overview.RATE_WINDOW_S:
-                self._ended_at.popleft()
-            return len(self._ended_at) / max(1.0, min(overview.RATE_WINDOW_S, now - self.started_at))
+            while self._ended_per_s and self._ended_per_s[0][0] < now - overview.RATE_WINDOW_S:
+                self._ended_per_s.popleft()
+            ended = sum(n for _, n in self._ended_per_s)
+            return ended / max(1.0, min(overview.RATE_WINDOW_S, now - self.started_at))
 
     def write(self, pipe: Any) -> None:
         """Add what was counted since the last call to `pipe` (a Redis pipeline), and forget it here."""
