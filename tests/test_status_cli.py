@@ -132,3 +132,13 @@ def test_status_command_over_http(
 
     code, out, err = ragq_status(monkeypatch, capsys, ACME_KEY, "--model", "nope", "--url", api_url)
     assert code == 2 and "HTTP 404: model_not_found" in err
+
+
+def test_openai_clients_list_and_retrieve_models(api_url: str, settings: Settings) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{api_url}/v1", api_key=ACME_KEY, max_retries=0)
+    assert [m.id for m in client.models.list()] == settings.model_names
+    model = client.models.retrieve("tiny-t5")
+    assert model.id == "tiny-t5" and model.object == "model" and model.owned_by == "ragq"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
