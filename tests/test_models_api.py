@@ -22,7 +22,7 @@ from shared.batches import Batch
 from shared.config import Settings
 from shared.jobs import Job
 from tests.helpers import start_worker
-from worker.registry import WorkerActivity, WorkerRegistration, describe
+from worker.registry import WorkerActivity, WorkerRegistration, describe, registration_for
 
 ACME_KEY = "acme-key-0123456789abcdef"
 BETA_KEY = "beta-key-0123456789abcdef"
@@ -128,6 +128,40 @@ def test_registered_worker_is_listed_under_its_model_and_leaves_on_deregister(
     # A round after the deregistration does not bring the entry back.
     entry.step()
     assert not redis_client.exists(redis_keys.worker_info("w1@test"))
+
+
+class FakeEngineLane:
+    """What the registry reads of an `EngineLane`."""
+
+    state = "restarting"
+    restarts = 2
+
+
+def test_a_loading_worker_is_listed_as_starting_then_with_its_engines_state(redis_client: redis.Redis) -> None:
+    entry = registration_for(redis_client, "unserved", "loading@test", 3, describe("cpu", "float32", 4, 512, host="box"))
+    try:
+        with entry.while_loading():
+            time.sleep(1.5)  # longer than a refresh interval (1 s with a 3 s TTL)
+            [worker] = [w for w in overview.live_workers(redis_client) if w["name"] == "loading@test"]
+            assert worker["engine"] == "starting" and worker["jobs_done"] == 0
+        entry.attach(FakeEngineLane(), describe("cuda:0", "bfloat16", 4, 512, host="box"))
+        entry.step()
+        [worker] = [w for w in overview.live_workers(redis_client) if w["name"] == "loading@test"]
+        assert worker["engine"] == "restarting" and worker["engine_restarts"] == 2 and worker["device"] == "cuda:0"
+        entry.attach(object(), describe("cpu", "float32", 4, 512))
+        entry.step()
+        assert [w["engine"] for w in overview.live_workers(redis_client) if w["name"] == "loading@test"] == ["thread"]
+    finally:
+        entry.deregister()
+
+
+def test_a_worker_whose_model_fails_to_load_leaves_at_once(redis_client: redis.Redis) -> None:
+    entry = registration_for(redis_client, "unserved", "failing@test", 15)
+    with pytest.raises(RuntimeError), entry.while_loading():
+        wait_until(lambda: "failing@test" in unserved_workers(redis_client), timeout_s=5, every_s=0.05)
+        raise RuntimeError("model could not be loaded")
+    assert "failing@test" not in unserved_workers(redis_client)
+    assert not redis_client.exists(redis_keys.worker_info("failing@test"))
 
 
 def test_a_worker_that_stops_refreshing_disappears_within_its_ttl(

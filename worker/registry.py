@@ -15,18 +15,22 @@ Guarantees:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 
 from shared import overview, redis_keys
 from shared.jobs import Job
+
+log = logging.getLogger(__name__)
 
 # How often the entry is refreshed at most; a short TTL (tests) refreshes more often, three times per TTL.
 REFRESH_EVERY_S = 2.0
@@ -168,6 +172,43 @@ class WorkerRegistration:
             pipe.execute()
         return False
 
+    def attach(self, lane: Any, description: dict[str, Any]) -> None:
+        """The model's lane is up: read the engine's state from it (an `EngineLane`'s `state` and `restarts`; a
+        lane without them runs on a thread of the worker), and describe the worker as it now runs."""
+        self.description = description
+        self.engine_state = (lambda: lane.state) if hasattr(lane, "state") else (lambda: "thread")
+        self.engine_restarts = (lambda: lane.restarts) if hasattr(lane, "restarts") else (lambda: 0)
+
+    @contextmanager
+    def while_loading(self) -> Iterator[None]:
+        """Listed (engine `starting`) while the model loads, refreshed on a thread of its own until the block
+        ends; the duties take over after. If loading fails, the worker leaves the registry at once."""
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while True:
+                try:
+                    self.step()
+                except redis.RedisError as exc:
+                    log.warning("could not refresh the worker registry: %s", exc)
+                if stop.wait(self.every_s):
+                    return
+
+        thread = threading.Thread(target=refresh, name="ragq-registry-loading", daemon=True)
+        thread.start()
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            thread.join(timeout=5)
+            try:
+                self.deregister()
+            except redis.RedisError:
+                pass
+            raise
+        stop.set()
+        thread.join(timeout=5)
+
     def deregister(self) -> None:
         """Leave the registry at once (a clean shutdown), after writing the last counters."""
         with self._lock:
@@ -201,10 +242,12 @@ def registration_for(
     description: dict[str, Any] | None = None,
     lane: Any = None,
 ) -> WorkerRegistration:
-    """This worker's registration: `description` from `describe`, the engine's state read from `lane`
-    (an `EngineLane`'s `state` and `restarts`; a lane without them runs on a thread of the worker)."""
-    state: Callable[[], str] = (lambda: lane.state) if hasattr(lane, "state") else (lambda: "thread")
-    restarts: Callable[[], int] = (lambda: lane.restarts) if hasattr(lane, "restarts") else (lambda: 0)
-    return WorkerRegistration(
-        client, WorkerActivity(model_name, worker_name), description or describe("unknown", "unknown", 0, 0), state, restarts, ttl_s
+    """This worker's registration: `description` from `describe`; the engine `starting` until `lane` is given
+    (here or by `attach`)."""
+    description = description or describe("unknown", "unknown", 0, 0)
+    registration = WorkerRegistration(
+        client, WorkerActivity(model_name, worker_name), description, lambda: "starting", lambda: 0, ttl_s
     )
+    if lane is not None:
+        registration.attach(lane, description)
+    return registration
