@@ -264,9 +264,7 @@ def load(settings: Settings, worker_name: str) -> Resident:
         served_by=generator.label,
         microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff, lane=lane),
         handoff=handoff,
-        duties=start_duties(
-            settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed
-        ),
+        duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed),
         ledger=Ledger(settings.execution_ledger),
     )
     # `ragq serve` and the tests wait for this before sending work.
