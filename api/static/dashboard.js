@@ -249,7 +249,12 @@
           className: "worker-row",
           cells: [
             { text: worker.host && !String(worker.name).includes(worker.host) ? `${worker.name} (${worker.host})` : worker.name, className: "mono" },
-            { text: worker.engine, className: stateClass(worker.engine) },
+            {
+              text: isNumber(worker.engine_restarts) && worker.engine_restarts > 0
+                ? `${worker.engine} · ${worker.engine_restarts} restart${worker.engine_restarts === 1 ? "" : "s"}`
+                : worker.engine,
+              className: stateClass(worker.engine),
+            },
             { text: worker.device },
             { text: worker.dtype },
             { text: caps, className: "num" },
