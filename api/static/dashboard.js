@@ -82,7 +82,8 @@
 
   function stateClass(text) {
     const value = String(text || "").toLowerCase();
-    if (/^(ready|running|serving|idle|busy|up|in_progress|completed|succeeded)$/.test(value)) return "state-ok";
+    if (/^(ready|completed|succeeded)$/.test(value)) return "state-ok";
+    if (/^(in_progress|running|cancelling)$/.test(value)) return "state-active";
     if (/^(dead|down|crashed|failed|error|expired|cancelled)$/.test(value)) return "state-bad";
     return "state-warn";
   }
