@@ -11,6 +11,7 @@ from shared.errors import ValidationFailed
 def create_app(config: Settings | None = None) -> Flask:
     """The Flask app; `config` defaults to settings read from the environment."""
     from api import batches, callbacks, errors, health, jobs, openapi, state, tenancy
+    from api import models
 
     settings = config if config is not None else Settings.from_env()
     # No app-wide /static route: the dashboard's blueprint serves api/static with the page's security headers.
@@ -25,6 +26,7 @@ def create_app(config: Settings | None = None) -> Flask:
     app.register_blueprint(batches.bp)
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(models.bp)
     # The operator's live page at /dashboard (and /), reading the JSON API (api/dashboard.py).
     from api import dashboard
 

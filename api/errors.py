@@ -19,6 +19,7 @@ STATUS: dict[type[errors.RagqError], int] = {
     errors.Unauthorized: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,
+    errors.ModelNotFound: 404,
     errors.Conflict: 409,
     errors.PayloadTooLarge: 413,
     errors.ValidationFailed: 422,

@@ -28,6 +28,104 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 
 
+# `/v1/models` (api/models.py, shared/overview.py): OpenAI's model object with ragq's fields added.
+_INT = {"type": "integer"}
+_NUMBER = {"type": "number"}
+_STRING = {"type": "string"}
+_ERROR_AT = {
+    "type": ["object", "null"],
+    "properties": {"type": _STRING, "message": _STRING, "at": {**_NUMBER, "description": "Unix seconds"}},
+}
+MODEL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by", "workers", "queues", "throughput", "batches", "recent_failures"],
+    "properties": {
+        "id": {**_STRING, "description": "The served model's name (what jobs and batches ask for)."},
+        "object": {"const": "model"},
+        "created": {**_INT, "description": "Unix seconds: when its oldest live worker came up (else when the API started)."},
+        "owned_by": {"const": "ragq"},
+        "workers": {
+            "type": "array",
+            "description": "Live workers of this model (they leave at shutdown, or RAGQ_WORKER_TTL_S after dying).",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": _STRING, "host": _STRING, "pid": _INT, "device": _STRING, "dtype": _STRING,
+                    "max_batch_size": {**_INT, "description": "Jobs per microbatch at most."},
+                    "max_batch_tokens": {**_INT, "description": "Padded prompt tokens x beams per generate call at most."},
+                    "engine": {"enum": ["starting", "ready", "restarting", "thread"]},
+                    "engine_restarts": _INT,
+                    "up_since": {**_NUMBER, "description": "Unix seconds."},
+                    "jobs_done": _INT,
+                    "items_per_s": {**_NUMBER, "description": "Jobs ended per second over the last minute."},
+                    "last_error": _ERROR_AT,
+                },
+            },
+        },
+        "queues": {
+            "type": "object",
+            "properties": {
+                "interactive_queued": {**_INT, "description": "Jobs waiting in the model's interactive queue."},
+                "backlog_pending": {**_INT, "description": "Batch items not yet taken by a worker."},
+                "running": {**_INT, "description": "Jobs taken by the model's live workers (running or reserved)."},
+            },
+        },
+        "throughput": {
+            "type": "array",
+            "description": "Items ended per 10 s bucket over the last 15 minutes, oldest first.",
+            "items": {"type": "object", "properties": {"t": {**_INT, "description": "Bucket start, Unix seconds."}, "items": _INT, "failed": _INT}},
+        },
+        "batches": {
+            "type": "array",
+            "description": "The caller's open batches for this model.",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "id": _STRING, "status": _STRING, "total": _INT, "completed": _INT, "failed": _INT,
+                    "progress": {**_NUMBER, "minimum": 0, "maximum": 1},
+                    "items_per_s": {**_NUMBER, "description": "The batch's drain rate over the last minute."},
+                    "eta_s": {"type": ["number", "null"], "description": "Seconds left at that rate; null while it is 0."},
+                    "created_at": _INT,
+                },
+            },
+        },
+        "recent_failures": {
+            "type": "array",
+            "description": "The caller's most recent failed jobs on this model, newest first (at most 20).",
+            "items": {
+                "type": "object",
+                "properties": {"job_id": _STRING, "batch_id": {"type": ["string", "null"]}, "type": _STRING, "message": _STRING, "at": _NUMBER},
+            },
+        },
+    },
+}
+MODEL_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": REF.format(model="Model")}}},
+}
+
+
+def _models_paths() -> dict[str, Any]:
+    """`/v1/models` and `/v1/models/{name}`."""
+    name = {"name": "name", "in": "path", "required": True, "schema": _STRING}
+    return {
+        "/v1/models": {
+            "get": {
+                "summary": "Served models with their live workers, queues, throughput, and the caller's batches and failures",
+                "responses": {"200": _batch("Every served model", "ModelList")},
+            }
+        },
+        "/v1/models/{name}": {
+            "get": {
+                "summary": "One served model",
+                "parameters": [name],
+                "responses": {"200": _batch("The model", "Model"), "404": _error("No served model has this name (`model_not_found`)")},
+            }
+        },
+    }
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
 
@@ -71,6 +169,8 @@ def build_document() -> dict[str, Any]:
     )
     components = schemas.get("$defs", {})
     components["Error"] = ERROR_SCHEMA
+    components["Model"] = MODEL_SCHEMA
+    components["ModelList"] = MODEL_LIST_SCHEMA
     # The JSON form: the batch options (which allow no other field) plus `requests`. Not `allOf`, which
     # cannot add a property to a closed object.
     options = components[requests.batch_options.__name__]
@@ -201,6 +301,7 @@ def build_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_models_paths(),
             "/v1/callbacks/secret": {
                 "get": {
                     "summary": "The tenant's secret for verifying batch callbacks (Ragq-Signature)",

@@ -188,6 +188,10 @@ class Settings:
     fallback_tiny_model: bool = _setting(
         "RAGQ_FALLBACK_TINY_MODEL", False, "Serve a tiny local model when the configured one cannot be had."
     )
+    # The worker registry (`GET /v1/models`, `ragq status`).
+    worker_ttl_s: int = _setting(
+        "RAGQ_WORKER_TTL_S", 15, "Seconds a dead worker stays listed in `/v1/models` at most (its entry's lifetime; refreshed every 2 s or a third of this).", lo=3, hi=600
+    )
 
     def __post_init__(self) -> None:
         if self.task_time_limit_s >= self.visibility_timeout_s:

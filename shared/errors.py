@@ -62,6 +62,12 @@ class NotFound(RagqError):
     type = "not_found"
 
 
+class ModelNotFound(NotFound):
+    """No served model has this name."""
+
+    type = "model_not_found"
+
+
 class Conflict(RagqError):
     """The job is in a state that does not allow the operation."""
 

@@ -145,3 +145,32 @@ def tenant_stored_batches(tenant: str) -> str:
 def tenant_stored_items(tenant: str) -> str:
     """Count of the items of the batches in `tenant_stored_batches`."""
     return f"{PREFIX}:tenant:{tenant}:stored-items"
+
+
+# -- The live picture (`GET /v1/models`, `ragq status`): the worker registry and bounded activity counters. --
+
+
+def live_workers() -> str:
+    """Sorted set of registered worker names, scored by when their registration runs out (the worker's clock);
+    registrations themselves are `worker_info` keys with a TTL, so a name whose key is gone is a dead worker."""
+    return f"{PREFIX}:workers:live"
+
+
+def worker_info(worker: str) -> str:
+    """JSON of one live worker (model, device, caps, engine state, counters); expires when it stops refreshing it."""
+    return f"{PREFIX}:worker:{worker}:info"
+
+
+def model_finished(model_name: str, bucket: int) -> str:
+    """Hash `succeeded`/`failed` -> items of `model_name` that ended in one 10 s bucket (Unix time // 10 * 10)."""
+    return f"{PREFIX}:model:{model_name}:finished:{bucket}"
+
+
+def batch_finished(batch_id: str, bucket: int) -> str:
+    """Items of one batch that ended in one 10 s bucket: its drain rate, for the ETA."""
+    return f"{PREFIX}:batch:{batch_id}:finished:{bucket}"
+
+
+def tenant_failures(tenant: str, model_name: str) -> str:
+    """List of a tenant's most recent failed jobs on one model (JSON, newest first, capped)."""
+    return f"{PREFIX}:tenant:{tenant}:failures:{model_name}"

@@ -37,7 +37,8 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
 
 # Kept when a test empties Redis: the session's workers' heartbeats. Without its heartbeat a worker looks dead
 # for up to a heartbeat interval, and another worker's reaper sends its jobs again (a job then counts two claims).
-_WORKER_KEYS = re.compile(r"ragq:worker:.+:alive")
+# Their registry entries stay too, so that a test reading `/v1/models` finds them at once.
+_WORKER_KEYS = re.compile(r"ragq:worker:.+:(alive|info)|ragq:workers:live")
 
 
 def empty_redis(client: redis.Redis) -> None:

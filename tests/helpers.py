@@ -97,9 +97,14 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-# Keys written whatever a test does: per-minute request counters (every `/v1` request) and the heartbeats of
-# the session's workers. The formats are pinned by tests/test_redis_keys.py.
-_NOISE_KEYS = re.compile(r"ragq:tenant:.+:rate:\d+|ragq:worker:.+:alive")
+# Keys written whatever a test does: per-minute request counters (every `/v1` request), the heartbeats and
+# registry entries of the session's workers, and the activity counters their registries write every 2 s (so
+# possibly for jobs of an earlier test). The formats are pinned by tests/test_redis_keys.py and
+# tests/test_models_api.py.
+_NOISE_KEYS = re.compile(
+    r"ragq:tenant:.+:rate:\d+|ragq:worker:.+:(alive|info)|ragq:workers:live"
+    r"|ragq:(model|batch):.+:finished:\d+|ragq:tenant:.+:failures:.+"
+)
 
 
 def data_keys(client: redis.Redis) -> set[str]:

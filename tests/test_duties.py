@@ -86,7 +86,7 @@ def test_start_duties_says_the_worker_is_alive_and_runs_each_duty_on_a_thread_of
     try:
         assert 0 < redis_client.ttl(redis_keys.worker_alive(WORKER_NAME)) <= HEARTBEAT_TTL_S
         names = [loop.thread.name for loop in duties.loops]
-        assert names == ["ragq-heartbeat", "ragq-feeder", "ragq-expiry", "ragq-callbacks", "ragq-reaper", "ragq-audit"]
+        assert names == ["ragq-heartbeat", "ragq-feeder", "ragq-expiry", "ragq-callbacks", "ragq-reaper", "ragq-audit", "ragq-registry"]
         assert all(loop.thread.is_alive() and loop.thread.daemon for loop in duties.loops)
     finally:
         # Stopping does not wait for a loop's interval (the audit's is 10 s) to run out.

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import redis
+
 from shared.batch_store import BatchStore
 from shared.broker import make_celery
 from shared.config import Settings
@@ -23,6 +25,7 @@ from worker.callbacks import CallbackSender
 from worker.expiry import Expiry
 from worker.feeder import Feeder
 from worker.liveness import Heartbeat, Reaper
+from worker.registry import WorkerActivity, WorkerRegistration, registration_for
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +92,22 @@ class Duties:
     callbacks: CallbackSender
     reaper: Reaper
     audit: MessageAudit
+    # This worker's entry in the live registry (`GET /v1/models`) and the counters behind it.
+    registration: WorkerRegistration
     loops: list[PeriodicLoop] = field(default_factory=list, init=False)
     _stop: threading.Event = field(default_factory=threading.Event, init=False)
 
     @classmethod
-    def from_settings(cls, settings: Settings, store: JobStore, worker_name: str, feed_depth: int) -> Duties:
-        """The duties of worker `worker_name` serving the model `settings.worker_spec`, not yet started."""
+    def from_settings(
+        cls,
+        settings: Settings,
+        store: JobStore,
+        worker_name: str,
+        feed_depth: int,
+        registration: WorkerRegistration | None = None,
+    ) -> Duties:
+        """The duties of worker `worker_name` serving the model `settings.worker_spec`, not yet started;
+        `registration` describes it in the registry (by default, with its model and name only)."""
         batches = BatchStore(store)
         celery = make_celery(settings)
         model_name = settings.worker_spec.name
@@ -107,11 +120,17 @@ class Duties:
             ),
             reaper=Reaper(store, celery, worker_name, settings.max_attempts, settings.task_time_limit_s),
             audit=MessageAudit(store, celery, model_name),
+            registration=registration or registration_for(store.redis, model_name, worker_name, settings.worker_ttl_s),
         )
 
     def all(self) -> list[Duty]:
         """Every duty, the heartbeat first."""
-        return [self.heartbeat, self.feeder, self.expiry, self.callbacks, self.reaper, self.audit]
+        return [self.heartbeat, self.feeder, self.expiry, self.callbacks, self.reaper, self.audit, self.registration]
+
+    @property
+    def activity(self) -> WorkerActivity:
+        """Where the task threads count the jobs this worker ends (written to Redis by the registration)."""
+        return self.registration.activity
 
     def start(self) -> None:
         """Say this worker is alive (raises if Redis is down), then start every duty's loop."""
@@ -122,12 +141,20 @@ class Duties:
             self.loops.append(loop)
 
     def stop(self) -> None:
-        """Ask every duty's thread to stop (they are daemon threads: a stopping process does not wait for them)."""
+        """Ask every duty's thread to stop (they are daemon threads: a stopping process does not wait for them),
+        and leave the worker registry."""
         self._stop.set()
+        try:
+            self.registration.deregister()
+        except redis.RedisError as exc:
+            # The entry then expires on its own within RAGQ_WORKER_TTL_S.
+            log.warning("could not leave the worker registry: %s", exc)
 
 
-def start_duties(settings: Settings, store: JobStore, worker_name: str, feed_depth: int) -> Duties:
+def start_duties(
+    settings: Settings, store: JobStore, worker_name: str, feed_depth: int, registration: WorkerRegistration | None = None
+) -> Duties:
     """Say this worker is alive, then start its background duties for the model `settings.worker_spec`."""
-    duties = Duties.from_settings(settings, store, worker_name, feed_depth)
+    duties = Duties.from_settings(settings, store, worker_name, feed_depth, registration)
     duties.start()
     return duties

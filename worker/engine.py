@@ -104,6 +104,20 @@ class EngineLane:
         return None if engine is None else engine.process.pid
 
     @property
+    def info(self) -> dict[str, Any]:
+        """What the current engine said when it was ready: pid, device, placement, load time."""
+        engine = self._engine
+        return {} if engine is None else engine.info
+
+    @property
+    def state(self) -> str:
+        """`starting` until the first engine is ready, `restarting` while a dead one is replaced, else `ready`."""
+        engine = self._engine
+        if engine is None:
+            return "starting"
+        return "ready" if engine.process.is_alive() else "restarting"
+
+    @property
     def running(self) -> bool:
         """Whether a microbatch is on the model now."""
         return self._running_part is not None

@@ -22,7 +22,7 @@ from worker.corpus import load_documents
 from worker.duties import Duties, start_duties
 from worker.engine import EngineLane
 from worker.engine_process import EngineOptions
-from worker.generation import Generator, enable_continuous, load_generator, load_preparing, resolve_device
+from worker.generation import Generator, enable_continuous, load_generator, load_preparing, resolve_device, resolve_dtype
 from worker.handoff import InteractiveHandoff
 from worker.ledger import Ledger
 from worker.lane import Lane, LocalLane
@@ -39,6 +39,7 @@ from worker.pipeline import (
     requests_of,
 )
 from worker.prompt import DEFAULT_TEMPLATE, PromptFitter, check_template
+from worker.registry import WorkerRegistration, describe, registration_for
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
 
@@ -259,7 +260,9 @@ def load(settings: Settings, worker_name: str) -> Resident:
         served_by=generator.label,
         microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff, lane=lane),
         handoff=handoff,
-        duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size),
+        duties=start_duties(
+            settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, registration(settings, store, worker_name, caps, lane)
+        ),
         ledger=Ledger(settings.execution_ledger),
     )
     # `ragq serve` and the tests wait for this before sending work.
@@ -269,6 +272,15 @@ def load(settings: Settings, worker_name: str) -> Resident:
         spec.name, "engine process" if settings.engine == "process" else "in-process", len(documents), caps.max_size,
     )
     return resident
+
+
+def registration(settings: Settings, store: JobStore, worker_name: str, caps: MicrobatchSettings, lane: Lane) -> WorkerRegistration:
+    """This worker's entry in the live registry: where its model runs, in which dtype, with which caps."""
+    info = lane.info if isinstance(lane, EngineLane) else {}
+    device = resolve_device(settings.device)
+    dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
+    description = describe(info.get("device") or str(device), dtype, caps.max_size, caps.max_tokens)
+    return registration_for(store.redis, settings.worker_spec.name, worker_name, settings.worker_ttl_s, description, lane)
 
 
 _resident: Resident | None = None
@@ -289,6 +301,7 @@ def shutdown() -> None:
     with _load_lock:
         if _resident is not None:
             _resident.microbatcher.stop()
+            _resident.duties.stop()
 
 
 def note_reserved(resident: Resident, job_id: str) -> None:

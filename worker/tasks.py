@@ -53,7 +53,10 @@ def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -
                 return _fail(resident, job_id, started_at, "wrong_model", message)
             question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
             future = resident.microbatcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
-        return _await_and_store(resident, job_id, job.created_at, started_at, future)
+        status = _await_and_store(resident, job_id, job.created_at, started_at, future)
+        if status is JobStatus.SUCCEEDED:
+            resident.duties.activity.succeeded(job)  # failures are counted in `_fail`, which knows the error
+        return status
     finally:
         # Only now is this task's thread about to be free for the next message.
         resident.handoff.task_returned(job_id)
@@ -125,6 +128,7 @@ def _fail(resident: Resident, job_id: str, started_at: float, error_type: str, m
     ))
     if not outcome.applied:
         return None
+    resident.duties.activity.failed(job, error_type, message)
     resident.ledger.record("result", job_id, resident.worker_name, status="failed")
     return JobStatus.FAILED
 
