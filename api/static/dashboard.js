@@ -139,7 +139,7 @@
 
   // ---- rendering: tables keep their rows (keyed) so a refresh changes text, not elements -----------------
 
-  // rows: [{key, className, cells: [{text, className, title, progress: {value, max, className}}]}]
+  // rows: [{key, className, cells: [{text, className, title, span, progress: {value, max, className, title}}]}]
   function syncRows(tbody, rows) {
     const existing = new Map();
     for (const tr of Array.from(tbody.children)) existing.set(tr.dataset.key, tr);
@@ -161,6 +161,8 @@
   }
 
   function fillCell(td, cell) {
+    const span = cell.span || 1;
+    if (td.colSpan !== span) td.colSpan = span;
     setClass(td, cell.className || "");
     setTitle(td, cell.title);
     if (cell.progress) {
@@ -241,7 +243,7 @@
         ],
       });
       if (workers.length === 0) {
-        rows.push({ key: `n:${model.id}`, className: "no-workers", cells: [{ text: "no live worker" }] });
+        rows.push({ key: `n:${model.id}`, className: "no-workers", cells: [{ text: "no live worker", span: 12 }] });
       }
       for (const worker of workers) {
         const caps = `≤${fmtInt(worker.max_batch_size)} · ≤${fmtInt(worker.max_batch_tokens)} tok`;
@@ -254,7 +256,7 @@
               text: isNumber(worker.engine_restarts) && worker.engine_restarts > 0
                 ? `${worker.engine} · ${worker.engine_restarts} restart${worker.engine_restarts === 1 ? "" : "s"}`
                 : worker.engine,
-              className: stateClass(worker.engine),
+              className: `nowrap ${stateClass(worker.engine)}`,
             },
             { text: worker.device },
             { text: worker.dtype },
@@ -262,7 +264,7 @@
             { text: "" }, { text: "" }, { text: "" },
             { text: fmtInt(worker.jobs_done), className: "num" },
             { text: fmtRate(worker.items_per_s), className: "num" },
-            { text: fmtDuration((Date.now() - (toMillis(worker.up_since) ?? Date.now())) / 1000), title: fmtTime(worker.up_since) },
+            { text: fmtDuration((Date.now() - (toMillis(worker.up_since) ?? Date.now())) / 1000), title: fmtTime(worker.up_since), className: "nowrap" },
             errorCell(worker.last_error),
           ],
         });
@@ -316,7 +318,7 @@
           { text: fmtInt(failed), className: failed > 0 ? "num state-bad" : "num" },
           { text: rate ? fmtRate(rate.items_per_s) : "–", className: "num" },
           { text: eta, className: "num" },
-          { text: fmtAgo(batch.created_at), title: fmtTime(batch.created_at) },
+          { text: fmtAgo(batch.created_at), title: fmtTime(batch.created_at), className: "nowrap" },
         ],
       };
     });
@@ -333,7 +335,7 @@
     const rows = failures.slice(0, FAILURE_LIMIT).map((failure, index) => ({
       key: `f:${failure.job_id}:${failure.at}:${index}`,
       cells: [
-        { text: fmtAgo(failure.at), title: fmtTime(failure.at) },
+        { text: fmtAgo(failure.at), title: fmtTime(failure.at), className: "nowrap" },
         { text: failure.model },
         { text: failure.type, className: "error-type" },
         { text: failure.message, className: "wrap" },
@@ -358,27 +360,35 @@
     return 10 * magnitude;
   }
 
-  // One line per model: items per second in each 10 s bucket over the last 15 minutes.
+  // One line per model: items per second in each 10 s bucket over the last 15 minutes, and a dashed line of
+  // failed items (all models). The newest bucket is still filling, so the lines end at the one before it.
   function renderChart(models) {
     const chart = $("chart");
     const width = Math.max(300, Math.round(chart.clientWidth || 900));
     const height = 160;
     const pad = { left: 40, right: 8, top: 10, bottom: 18 };
-    let end = 0;
-    for (const model of models) for (const point of model.throughput || []) end = Math.max(end, point.t + BUCKET_S);
-    if (end === 0) end = Date.now() / 1000;
+    let newest = null;
+    for (const model of models) for (const point of model.throughput || []) newest = Math.max(newest ?? point.t, point.t);
+    const end = newest === null ? Math.floor(Date.now() / 1000 / BUCKET_S) * BUCKET_S : newest; // start of the filling bucket
     const start = end - CHART_WINDOW_S;
+    const buckets = [];
+    for (let t = start; t < end; t += BUCKET_S) buckets.push(t);
+    const failedByBucket = new Map();
     const series = models.map((model) => {
       const byBucket = new Map();
-      for (const point of model.throughput || []) byBucket.set(Math.floor(point.t / BUCKET_S), point.items);
-      const values = [];
-      for (let t = start; t < end; t += BUCKET_S) values.push({ t, rate: (byBucket.get(Math.floor(t / BUCKET_S)) || 0) / BUCKET_S });
-      return { id: model.id, values };
+      for (const point of model.throughput || []) {
+        byBucket.set(point.t, point.items || 0);
+        failedByBucket.set(point.t, (failedByBucket.get(point.t) || 0) + (point.failed || 0));
+      }
+      const rate = (model.workers || []).reduce((sum, w) => sum + (isNumber(w.items_per_s) ? w.items_per_s : 0), 0);
+      return { id: model.id, rate, values: buckets.map((t) => ({ t, rate: (byBucket.get(t) || 0) / BUCKET_S })) };
     });
+    const failed = buckets.map((t) => ({ t, rate: (failedByBucket.get(t) || 0) / BUCKET_S }));
     const peak = Math.max(0, ...series.flatMap((s) => s.values.map((v) => v.rate)));
     const top = niceCeiling(peak);
-    const x = (t) => pad.left + ((t + BUCKET_S / 2 - start) / CHART_WINDOW_S) * (width - pad.left - pad.right);
-    const y = (rate) => pad.top + (1 - rate / top) * (height - pad.top - pad.bottom);
+    const x = (t) => pad.left + ((t + BUCKET_S - start) / CHART_WINDOW_S) * (width - pad.left - pad.right);
+    const y = (rate) => pad.top + (1 - Math.min(rate, top) / top) * (height - pad.top - pad.bottom);
+    const line = (values) => values.map((v) => `${x(v.t).toFixed(1)},${y(v.rate).toFixed(1)}`).join(" ");
     const nodes = [];
     for (const fraction of [0, 0.5, 1]) {
       const yy = y(top * fraction);
@@ -387,21 +397,23 @@
       label.textContent = fmtRate(top * fraction).replace(/\.00$/, "");
       nodes.push(label);
     }
-    for (const [t, text, anchor] of [[start, "15 min ago", "start"], [start + CHART_WINDOW_S / 2, "7.5 min", "middle"], [end - BUCKET_S, "now", "end"]]) {
+    for (const [t, text, anchor] of [[start - BUCKET_S, "15 min ago", "start"], [start + CHART_WINDOW_S / 2, "7.5 min", "middle"], [end - BUCKET_S, "now", "end"]]) {
       const label = svg("text", { x: x(t), y: height - 4, "text-anchor": anchor });
       label.textContent = text;
       nodes.push(label);
     }
-    series.forEach((s, index) => {
-      const colour = `s${index % SERIES_CLASSES}`;
-      const points = s.values.map((v) => `${x(v.t).toFixed(1)},${y(v.rate).toFixed(1)}`);
-      if (points.length === 0) return;
+    if (buckets.length > 0) {
       const baseline = y(0).toFixed(1);
-      const first = x(s.values[0].t).toFixed(1);
-      const last = x(s.values[s.values.length - 1].t).toFixed(1);
-      nodes.push(svg("polygon", { class: `area ${colour}`, points: `${first},${baseline} ${points.join(" ")} ${last},${baseline}` }));
-      nodes.push(svg("polyline", { class: `series ${colour}`, points: points.join(" ") }));
-    });
+      const first = x(buckets[0]).toFixed(1);
+      const last = x(buckets[buckets.length - 1]).toFixed(1);
+      series.forEach((s, index) => {
+        const colour = `s${index % SERIES_CLASSES}`;
+        const points = line(s.values);
+        nodes.push(svg("polygon", { class: `area ${colour}`, points: `${first},${baseline} ${points} ${last},${baseline}` }));
+        nodes.push(svg("polyline", { class: `series ${colour}`, points }));
+      });
+      if (failed.some((v) => v.rate > 0)) nodes.push(svg("polyline", { class: "series failed", points: line(failed) }));
+    }
     chart.setAttribute("viewBox", `0 0 ${width} ${height}`);
     chart.replaceChildren(...nodes);
 
@@ -409,10 +421,15 @@
       const item = document.createElement("span");
       const swatch = document.createElement("span");
       swatch.setAttribute("class", `swatch s${index % SERIES_CLASSES}`);
-      const latest = s.values.length ? s.values[s.values.length - 1].rate : 0;
-      item.append(swatch, document.createTextNode(`${s.id}: ${fmtRate(latest)} items/s in the last bucket`));
+      item.append(swatch, document.createTextNode(`${s.id} (${fmtRate(s.rate)}/s now)`));
       return item;
     });
+    const failedTotal = failed.reduce((sum, v) => sum + v.rate * BUCKET_S, 0);
+    const failedItem = document.createElement("span");
+    const failedSwatch = document.createElement("span");
+    failedSwatch.setAttribute("class", "swatch failed");
+    failedItem.append(failedSwatch, document.createTextNode(`failed (${fmtInt(failedTotal)} in 15 min)`));
+    legend.push(failedItem);
     $("chart-legend").replaceChildren(...legend);
   }
 
