@@ -308,3 +308,23 @@ def test_with_keys_the_page_asks_for_one_and_says_when_it_is_refused(
         # Only the expected refusals of requests made without a valid key reach the console.
         unexpected = [e for e in console_errors(browser) if "401" not in e["message"]]
         assert unexpected == []
+
+
+@pytest.mark.slow
+def test_an_api_error_is_shown_in_a_banner_and_the_figures_are_dimmed(
+    browser: Any, settings: Settings, redis_client: redis.Redis
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    # Two requests per refresh: the third refresh of the minute is refused with 429.
+    with running_api(dataclasses.replace(settings, rate_limit_per_min=4)) as url:
+        browser.get(f"{url}/dashboard")
+        banner = browser.find_element(By.ID, "banner")
+        wait_for(banner.is_displayed, what="the error banner")
+        assert "429 too_many_requests" in banner.text and "/v1/models" in banner.text
+        assert browser.find_element(By.ID, "status").text == "error"
+        content = browser.find_element(By.ID, "content")
+        assert "dimmed" in content.get_attribute("class")
+        # The figures of the refreshes that worked stay on the page.
+        assert rows(browser, "m:tiny-t5")
+        assert [e for e in console_errors(browser) if "429" not in e["message"]] == []

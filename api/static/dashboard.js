@@ -448,7 +448,10 @@
     }
     const age = Date.now() - page.lastOk;
     setText($("updated"), `updated ${fmtDuration(age / 1000)} ago`);
-    if (age > STALE_MS && !page.waitingForKey && $("status").dataset.state === "ok") setStatus("stale", "stale");
+    if (age > STALE_MS && !page.waitingForKey && $("status").dataset.state === "ok") {
+      setStatus("stale", "stale");
+      $("content").classList.add("dimmed");
+    }
   }
 
   function describe(error) {
@@ -525,6 +528,8 @@
       if (models.status === "rejected") problems.push(`/v1/models: ${describe(models.reason)}`);
       if (batches.status === "rejected") problems.push(`/v1/batches: ${describe(batches.reason)}`);
       showProblems(problems);
+      // Figures that could not be refreshed stay, dimmed, with their age in the header.
+      $("content").classList.toggle("dimmed", problems.length > 0);
       if (problems.length === 0) {
         page.lastOk = Date.now();
         setStatus("ok", "live");
