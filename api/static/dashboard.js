@@ -213,7 +213,8 @@
   function errorCell(error) {
     if (!error || typeof error !== "object") return { text: "" };
     const text = `${error.type || "error"}: ${error.message || ""} (${fmtAgo(error.at)})`;
-    return { text, className: "wrap state-bad", title: fmtTime(error.at) };
+    // One line, cut to the cell's width; the whole message and the time are in the tooltip.
+    return { text, className: "clip state-bad", title: `${text}\n${fmtTime(error.at)}` };
   }
 
   function renderModels(models) {
