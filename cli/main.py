@@ -1,4 +1,4 @@
-"""The `ragq` command: serve (everything on one machine), worker, api, ask, batch, eval, keys.
+"""The `ragq` command: serve (everything on one machine), worker, api, ask, batch, eval, status, keys.
 
 `ragq worker` and `ragq api` hand over to `python -m worker` / `python -m api` (exec, same process), so the
 command line itself imports neither the worker (torch) nor the API.
@@ -17,6 +17,7 @@ from typing import Any
 from cli.ask import add_ask_command
 from cli.batch import add_batch_commands
 from cli.evaluate import add_eval_command
+from cli.status import add_status_command
 from shared.config import Settings
 from shared.errors import RagqError
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ask_command(commands)
     add_batch_commands(commands)
     add_eval_command(commands)
+    add_status_command(commands)
 
     keys_command = commands.add_parser("keys", help="Manage API keys.")
     keys_commands = keys_command.add_subparsers(required=True, metavar="ACTION")

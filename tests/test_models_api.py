@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,7 +22,7 @@ from shared.batches import Batch
 from shared.config import Settings
 from shared.jobs import Job
 from tests.helpers import start_worker
-from worker.registry import WorkerActivity, WorkerRegistration, describe
+from worker.registry import WorkerActivity, WorkerRegistration, describe, registration_for
 
 ACME_KEY = "acme-key-0123456789abcdef"
 BETA_KEY = "beta-key-0123456789abcdef"
@@ -128,6 +130,40 @@ def test_registered_worker_is_listed_under_its_model_and_leaves_on_deregister(
     assert not redis_client.exists(redis_keys.worker_info("w1@test"))
 
 
+class FakeEngineLane:
+    """What the registry reads of an `EngineLane`."""
+
+    state = "restarting"
+    restarts = 2
+
+
+def test_a_loading_worker_is_listed_as_starting_then_with_its_engines_state(redis_client: redis.Redis) -> None:
+    entry = registration_for(redis_client, "unserved", "loading@test", 3, describe("cpu", "float32", 4, 512, host="box"))
+    try:
+        with entry.while_loading():
+            time.sleep(1.5)  # longer than a refresh interval (1 s with a 3 s TTL)
+            [worker] = [w for w in overview.live_workers(redis_client) if w["name"] == "loading@test"]
+            assert worker["engine"] == "starting" and worker["jobs_done"] == 0
+        entry.attach(FakeEngineLane(), describe("cuda:0", "bfloat16", 4, 512, host="box"))
+        entry.step()
+        [worker] = [w for w in overview.live_workers(redis_client) if w["name"] == "loading@test"]
+        assert worker["engine"] == "restarting" and worker["engine_restarts"] == 2 and worker["device"] == "cuda:0"
+        entry.attach(object(), describe("cpu", "float32", 4, 512))
+        entry.step()
+        assert [w["engine"] for w in overview.live_workers(redis_client) if w["name"] == "loading@test"] == ["thread"]
+    finally:
+        entry.deregister()
+
+
+def test_a_worker_whose_model_fails_to_load_leaves_at_once(redis_client: redis.Redis) -> None:
+    entry = registration_for(redis_client, "unserved", "failing@test", 15)
+    with pytest.raises(RuntimeError), entry.while_loading():
+        wait_until(lambda: "failing@test" in unserved_workers(redis_client), timeout_s=5, every_s=0.05)
+        raise RuntimeError("model could not be loaded")
+    assert "failing@test" not in unserved_workers(redis_client)
+    assert not redis_client.exists(redis_keys.worker_info("failing@test"))
+
+
 def test_a_worker_that_stops_refreshing_disappears_within_its_ttl(
     redis_client: redis.Redis, registration: Callable[..., WorkerRegistration]
 ) -> None:
@@ -223,3 +259,95 @@ def test_openapi_documents_the_models_endpoints(settings: Settings, redis_client
     document = keyed_client(settings).get("/openapi.json").get_json()
     assert {"/v1/models", "/v1/models/{name}"} <= set(document["paths"])
     assert set(document["components"]["schemas"]["Model"]["required"]) == MODEL_FIELDS
+
+
+# --- with a real worker ----------------------------------------------------------------------------------------
+
+CHAOS_MODEL = "tiny-t5-chaos"  # served only by workers a test starts and stops itself
+TOO_LONG = " ".join(f"w{i}" for i in range(400))  # more prompt tokens than the tiny model takes: generation_error
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float = 60, every_s: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"not within {timeout_s} s")
+
+
+def chaos_workers(client: FlaskClient) -> list[dict[str, Any]]:
+    return model(client, CHAOS_MODEL, ACME)["workers"]
+
+
+@pytest.mark.slow
+def test_a_running_worker_shows_its_work_batches_progress_for_their_tenant_and_leaves_when_stopped(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    # Small microbatches: the batch drains in many steps, so its progress and ETA can be seen moving.
+    worker_settings = dataclasses.replace(settings, worker_ttl_s=30, max_microbatch_size=4)
+    client = keyed_client(settings)
+    worker = start_worker(worker_settings, CHAOS_MODEL, redis_client)
+    try:
+        [entry] = wait_until(lambda: chaos_workers(client))
+        assert set(entry) >= WORKER_FIELDS
+        assert entry["engine"] == "ready" and entry["device"] == "cpu" and entry["dtype"] == "float32"
+        assert entry["max_batch_size"] == 4 and entry["max_batch_tokens"] == 16384
+        assert entry["up_since"] == pytest.approx(time.time(), abs=120) and entry["jobs_done"] == 0
+        assert "@" in entry["name"] and entry["host"]
+
+        lines = [{"custom_id": "bad", "question": TOO_LONG}]
+        lines += [{"custom_id": str(i), "question": f"How do I add worker number {i}?"} for i in range(200)]
+        body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        query = f"model={CHAOS_MODEL}&params=" + json.dumps({"max_new_tokens": 2, "num_beams": 1})
+        response = client.post(f"/v1/batches?{query}", data=body, content_type="application/x-ndjson", headers=ACME)
+        assert response.status_code == 202, response.get_json()
+        batch_id = response.get_json()["id"]
+
+        acme_views, beta_views = [], []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            acme_views.append(model(client, CHAOS_MODEL, ACME))
+            beta_views.append(model(client, CHAOS_MODEL, BETA))
+            if not acme_views[-1]["batches"] and acme_views[-1]["queues"]["backlog_pending"] == 0:
+                break
+            time.sleep(0.2)
+        moving = [b for view in acme_views for b in view["batches"] if 0 < b["progress"] < 1 and b["eta_s"] is not None]
+        assert moving, "the batch never showed progress with an ETA"
+        assert all(b["id"] == batch_id and b["items_per_s"] > 0 and b["total"] == 201 for b in moving)
+        assert all(view["batches"] == [] for view in beta_views)
+        assert any(view["queues"]["backlog_pending"] > 0 for view in acme_views)
+
+        def all_counted() -> dict[str, Any] | None:
+            view = model(client, CHAOS_MODEL, ACME)
+            done = sum(point["items"] for point in view["throughput"])
+            return view if done == 201 and view["workers"] and view["workers"][0]["jobs_done"] == 201 else None
+
+        final = wait_until(all_counted, timeout_s=30)
+        [entry] = final["workers"]
+        assert entry["items_per_s"] > 0
+        assert entry["last_error"]["type"] == "generation_error"
+        assert sum(point["failed"] for point in final["throughput"]) == 1
+        [failure] = final["recent_failures"]
+        assert failure["batch_id"] == batch_id and failure["type"] == "generation_error"
+        assert model(client, CHAOS_MODEL, BETA)["recent_failures"] == []
+    finally:
+        worker.stop()
+    # A clean shutdown leaves the registry at once, long before the 30 s TTL.
+    assert wait_until(lambda: chaos_workers(client) == [], timeout_s=5)
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_disappears_within_its_ttl(settings: Settings, redis_client: redis.Redis) -> None:
+    client = keyed_client(settings)
+    worker = start_worker(dataclasses.replace(settings, worker_ttl_s=3), CHAOS_MODEL, redis_client)
+    try:
+        wait_until(lambda: chaos_workers(client))
+        os.killpg(worker.process.pid, signal.SIGKILL)
+        worker.process.wait(timeout=10)
+        started = time.monotonic()
+        wait_until(lambda: chaos_workers(client) == [], timeout_s=10)
+        assert time.monotonic() - started <= 5
+    finally:
+        worker.stop()

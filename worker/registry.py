@@ -15,18 +15,22 @@ Guarantees:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
 
 from shared import overview, redis_keys
 from shared.jobs import Job
+
+log = logging.getLogger(__name__)
 
 # How often the entry is refreshed at most; a short TTL (tests) refreshes more often, three times per TTL.
 REFRESH_EVERY_S = 2.0
@@ -47,7 +51,8 @@ class WorkerActivity:
         self.jobs_done = 0
         self.last_error: dict[str, Any] | None = None
         self._lock = threading.Lock()
-        self._ended_at: deque[float] = deque()
+        # [second, jobs ended in it] over the last minute: bounded by 60 entries however busy the worker is.
+        self._ended_per_s: deque[list[int]] = deque()
         self._model_buckets: Counter[tuple[int, str]] = Counter()
         self._batch_buckets: Counter[tuple[str, int]] = Counter()
         self._failures: list[tuple[str, dict[str, Any]]] = []
@@ -69,7 +74,11 @@ class WorkerActivity:
         bucket = overview.bucket_of(now)
         with self._lock:
             self.jobs_done += 1
-            self._ended_at.append(now)
+            second = int(now)
+            if self._ended_per_s and self._ended_per_s[-1][0] == second:
+                self._ended_per_s[-1][1] += 1
+            else:
+                self._ended_per_s.append([second, 1])
             self._model_buckets[(bucket, outcome)] += 1
             if job.batch_id:
                 self._batch_buckets[(job.batch_id, bucket)] += 1
@@ -77,9 +86,10 @@ class WorkerActivity:
     def items_per_s(self, now: float) -> float:
         """Jobs this worker ended per second over the last minute (or since it started, if later)."""
         with self._lock:
-            while self._ended_at and self._ended_at[0] < now - overview.RATE_WINDOW_S:
-                self._ended_at.popleft()
-            return len(self._ended_at) / max(1.0, min(overview.RATE_WINDOW_S, now - self.started_at))
+            while self._ended_per_s and self._ended_per_s[0][0] < now - overview.RATE_WINDOW_S:
+                self._ended_per_s.popleft()
+            ended = sum(n for _, n in self._ended_per_s)
+            return ended / max(1.0, min(overview.RATE_WINDOW_S, now - self.started_at))
 
     def write(self, pipe: Any) -> None:
         """Add what was counted since the last call to `pipe` (a Redis pipeline), and forget it here."""
@@ -162,6 +172,43 @@ class WorkerRegistration:
             pipe.execute()
         return False
 
+    def attach(self, lane: Any, description: dict[str, Any]) -> None:
+        """The model's lane is up: read the engine's state from it (an `EngineLane`'s `state` and `restarts`; a
+        lane without them runs on a thread of the worker), and describe the worker as it now runs."""
+        self.description = description
+        self.engine_state = (lambda: lane.state) if hasattr(lane, "state") else (lambda: "thread")
+        self.engine_restarts = (lambda: lane.restarts) if hasattr(lane, "restarts") else (lambda: 0)
+
+    @contextmanager
+    def while_loading(self) -> Iterator[None]:
+        """Listed (engine `starting`) while the model loads, refreshed on a thread of its own until the block
+        ends; the duties take over after. If loading fails, the worker leaves the registry at once."""
+        stop = threading.Event()
+
+        def refresh() -> None:
+            while True:
+                try:
+                    self.step()
+                except redis.RedisError as exc:
+                    log.warning("could not refresh the worker registry: %s", exc)
+                if stop.wait(self.every_s):
+                    return
+
+        thread = threading.Thread(target=refresh, name="ragq-registry-loading", daemon=True)
+        thread.start()
+        try:
+            yield
+        except BaseException:
+            stop.set()
+            thread.join(timeout=5)
+            try:
+                self.deregister()
+            except redis.RedisError:
+                pass
+            raise
+        stop.set()
+        thread.join(timeout=5)
+
     def deregister(self) -> None:
         """Leave the registry at once (a clean shutdown), after writing the last counters."""
         with self._lock:
@@ -195,10 +242,12 @@ def registration_for(
     description: dict[str, Any] | None = None,
     lane: Any = None,
 ) -> WorkerRegistration:
-    """This worker's registration: `description` from `describe`, the engine's state read from `lane`
-    (an `EngineLane`'s `state` and `restarts`; a lane without them runs on a thread of the worker)."""
-    state: Callable[[], str] = (lambda: lane.state) if hasattr(lane, "state") else (lambda: "thread")
-    restarts: Callable[[], int] = (lambda: lane.restarts) if hasattr(lane, "restarts") else (lambda: 0)
-    return WorkerRegistration(
-        client, WorkerActivity(model_name, worker_name), description or describe("unknown", "unknown", 0, 0), state, restarts, ttl_s
+    """This worker's registration: `description` from `describe`; the engine `starting` until `lane` is given
+    (here or by `attach`)."""
+    description = description or describe("unknown", "unknown", 0, 0)
+    registration = WorkerRegistration(
+        client, WorkerActivity(model_name, worker_name), description, lambda: "starting", lambda: 0, ttl_s
     )
+    if lane is not None:
+        registration.attach(lane, description)
+    return registration

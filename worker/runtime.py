@@ -252,7 +252,10 @@ def load(settings: Settings, worker_name: str) -> Resident:
     interactive_queue = redis_keys.model_queue(spec.name)
     handoff = InteractiveHandoff(lambda: bool(store.redis.llen(interactive_queue)))
     answerer = Answerer(store, retriever, generator, template, CallLimits(CallSizeCap(caps.max_size), caps.max_tokens))
-    lane = model_lane(settings, answerer, source)
+    listed = registration(settings, store, worker_name, caps)
+    with listed.while_loading():
+        lane = model_lane(settings, answerer, source)
+    listed.attach(lane, description(settings, caps, lane))
     resident = Resident(
         settings=settings,
         worker_name=worker_name,
@@ -261,7 +264,7 @@ def load(settings: Settings, worker_name: str) -> Resident:
         microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff, lane=lane),
         handoff=handoff,
         duties=start_duties(
-            settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, registration(settings, store, worker_name, caps, lane)
+            settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed
         ),
         ledger=Ledger(settings.execution_ledger),
     )
@@ -274,13 +277,17 @@ def load(settings: Settings, worker_name: str) -> Resident:
     return resident
 
 
-def registration(settings: Settings, store: JobStore, worker_name: str, caps: MicrobatchSettings, lane: Lane) -> WorkerRegistration:
-    """This worker's entry in the live registry: where its model runs, in which dtype, with which caps."""
+def registration(settings: Settings, store: JobStore, worker_name: str, caps: MicrobatchSettings) -> WorkerRegistration:
+    """This worker's entry in the live registry, its engine `starting` until `attach`."""
+    return registration_for(store.redis, settings.worker_spec.name, worker_name, settings.worker_ttl_s, description(settings, caps))
+
+
+def description(settings: Settings, caps: MicrobatchSettings, lane: Lane | None = None) -> dict[str, Any]:
+    """Where this worker's model runs (the engine's own word, once it is ready), in which dtype, with which caps."""
     info = lane.info if isinstance(lane, EngineLane) else {}
     device = resolve_device(settings.device)
     dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
-    description = describe(info.get("device") or str(device), dtype, caps.max_size, caps.max_tokens)
-    return registration_for(store.redis, settings.worker_spec.name, worker_name, settings.worker_ttl_s, description, lane)
+    return describe(info.get("device") or str(device), dtype, caps.max_size, caps.max_tokens)
 
 
 _resident: Resident | None = None
