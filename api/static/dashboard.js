@@ -139,7 +139,7 @@
 
   // ---- rendering: tables keep their rows (keyed) so a refresh changes text, not elements -----------------
 
-  // rows: [{key, className, cells: [{text, className, title, span, progress: {value, max, className, title}}]}]
+  // rows: [{key, className, cells: [{text, className, title, span, clip, progress: {value, max, className, title}}]}]
   function syncRows(tbody, rows) {
     const existing = new Map();
     for (const tr of Array.from(tbody.children)) existing.set(tr.dataset.key, tr);
@@ -177,6 +177,16 @@
       if (bar.value !== cell.progress.value) bar.value = cell.progress.value;
       setClass(bar, cell.progress.className || "");
       setTitle(bar, cell.progress.title);
+    } else if (cell.clip) {
+      // A table cell ignores max-width; a block inside it can cut its text with an ellipsis.
+      let box = td.firstElementChild;
+      if (!box || box.tagName !== "DIV") {
+        td.textContent = "";
+        box = document.createElement("div");
+        box.setAttribute("class", "clip");
+        td.appendChild(box);
+      }
+      setText(box, cell.text);
     } else {
       setText(td, cell.text);
     }
@@ -214,7 +224,7 @@
     if (!error || typeof error !== "object") return { text: "" };
     const text = `${error.type || "error"}: ${error.message || ""} (${fmtAgo(error.at)})`;
     // One line, cut to the cell's width; the whole message and the time are in the tooltip.
-    return { text, className: "clip state-bad", title: `${text}\n${fmtTime(error.at)}` };
+    return { text, clip: true, className: "state-bad", title: `${text}\n${fmtTime(error.at)}` };
   }
 
   function renderModels(models) {
