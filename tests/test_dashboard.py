@@ -9,6 +9,7 @@ go to `RAGQ_ARTIFACTS_DIR` when set, else to the test's tmp path.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -168,7 +169,8 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 @pytest.fixture
 def artifacts(tmp_path: Path) -> Path:
     """Where screenshots go: RAGQ_ARTIFACTS_DIR (CI keeps it) or the test's tmp path."""
-    directory = Path(os.environ["RAGQ_ARTIFACTS_DIR"]) if os.environ.get("RAGQ_ARTIFACTS_DIR") else tmp_path / "artifacts"
+    configured = os.environ.get("RAGQ_ARTIFACTS_DIR")
+    directory = Path(configured) if configured else tmp_path / "artifacts"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
@@ -180,7 +182,10 @@ def running_api(settings: Settings) -> Iterator[str]:
     log_path = settings.data_dir / f"api-{port}.log"
     with log_path.open("wb") as log:
         api = subprocess.Popen(
-            [sys.executable, "-m", "api"], env=child_env(settings, RAGQ_PORT=str(port)), stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "api"],
+            env=child_env(settings, RAGQ_PORT=str(port)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -262,7 +267,10 @@ def test_the_dashboard_shows_a_running_batch_moving_and_its_worker(
             assert not browser.find_element(By.ID, "banner").is_displayed()
             assert re.fullmatch(r"updated \d+ s ago", browser.find_element(By.ID, "updated").text)
 
-            wait_for(lambda: "completed" in rows(browser, f"b:{batch_id}")[0].text, timeout_s=120, what="the batch to complete")
+            def completed() -> bool:
+                return "completed" in rows(browser, f"b:{batch_id}")[0].text
+
+            wait_for(completed, timeout_s=120, what="the batch to complete")
             assert float(bar.get_property("value")) == 48
             browser.save_screenshot(str(artifacts / "dashboard.png"))
             assert console_errors(browser) == []
@@ -328,3 +336,25 @@ def test_an_api_error_is_shown_in_a_banner_and_the_figures_are_dimmed(
         # The figures of the refreshes that worked stay on the page.
         assert rows(browser, "m:tiny-t5")
         assert [e for e in console_errors(browser) if "429" not in e["message"]] == []
+
+
+@pytest.mark.slow
+def test_markup_in_api_data_is_shown_as_text_and_never_runs(
+    browser: Any, settings: Settings, redis_client: redis.Redis
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from shared import redis_keys
+
+    # A failure record as a worker writes it, every field holding markup (messages can quote inputs).
+    payload = "<img src=/x onerror=\"window.pwned=1\"><script>window.pwned=1</script><b>bold</b>"
+    failure = {"job_id": payload, "batch_id": payload, "type": "<i>generation_error</i>", "message": payload}
+    failure["at"] = time.time()
+    redis_client.lpush(redis_keys.tenant_failures("local", "tiny-t5"), json.dumps(failure))
+    with running_api(settings) as url:
+        browser.get(f"{url}/dashboard")
+        row = wait_for(lambda: rows(browser, "f:"), what="the failure's row")[0]
+        assert payload in row.text and "<i>generation_error</i>" in row.text
+        assert row.find_elements(By.CSS_SELECTOR, "img, script, b, i") == []
+        assert browser.execute_script("return window.pwned === undefined")
+        assert console_errors(browser) == []
