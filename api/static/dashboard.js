@@ -178,7 +178,7 @@
       setClass(bar, cell.progress.className || "");
       setTitle(bar, cell.progress.title);
     } else if (cell.clip) {
-      // A table cell ignores max-width; a block inside it can cut its text with an ellipsis.
+      // The cell takes what width the row leaves (CSS: max-width 0); a block inside cuts the text with an ellipsis.
       let box = td.firstElementChild;
       if (!box || box.tagName !== "DIV") {
         td.textContent = "";
@@ -224,7 +224,7 @@
     if (!error || typeof error !== "object") return { text: "" };
     const text = `${error.type || "error"}: ${error.message || ""} (${fmtAgo(error.at)})`;
     // One line, cut to the cell's width; the whole message and the time are in the tooltip.
-    return { text, clip: true, className: "state-bad", title: `${text}\n${fmtTime(error.at)}` };
+    return { text, clip: true, className: "clip-cell state-bad", title: `${text}\n${fmtTime(error.at)}` };
   }
 
   function renderModels(models) {
