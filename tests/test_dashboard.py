@@ -256,12 +256,19 @@ def test_the_dashboard_shows_a_running_batch_moving_and_its_worker(
             # The same element moves: rows are updated in place, not rebuilt (no flicker).
             wait_for(lambda: float(bar.get_property("value")) > first, what="the progress bar to move")
             assert SIM_MODEL in row.text and "in_progress" in row.text
+            # Its rate comes from /v1/models while it runs (the ETA with it, once the rate is known).
+            rate_cell = row.find_elements(By.TAG_NAME, "td")[6]
+
+            def has_rate() -> bool:
+                return bool(re.fullmatch(r"\d+\.\d+", rate_cell.text)) and float(rate_cell.text) > 0
+
+            wait_for(has_rate, what="the batch's rate")
 
             model_row = wait_for(lambda: rows(browser, f"m:{SIM_MODEL}"), what="the model's row")[0]
             assert SIM_MODEL in model_row.text
             worker_row = wait_for(lambda: rows(browser, f"w:{SIM_MODEL}:"), what="the worker's row")[0]
             cells = worker_row.find_elements(By.TAG_NAME, "td")
-            assert cells[0].text and cells[1].text, "the worker's name and engine state"
+            assert cells[0].text and cells[1].text.startswith("ready"), "the worker's name and engine state"
             assert browser.find_elements(By.CSS_SELECTOR, "#chart polyline"), "the throughput chart"
             assert browser.find_element(By.ID, "status").text == "live"
             assert not browser.find_element(By.ID, "banner").is_displayed()
