@@ -21,6 +21,7 @@ from shared import overview, redis_keys
 from shared.batches import Batch
 from shared.config import Settings
 from shared.jobs import Job
+from shared.models import ModelSpec
 from tests.helpers import start_worker
 from worker.registry import WorkerActivity, WorkerRegistration, describe, registration_for
 
@@ -264,6 +265,9 @@ def test_openapi_documents_the_models_endpoints(settings: Settings, redis_client
 # --- with a real worker ----------------------------------------------------------------------------------------
 
 CHAOS_MODEL = "tiny-t5-chaos"  # served only by workers a test starts and stops itself
+# A simulated model whose device time is a sleep (worker/simulated.py): 8 new tokens take ~0.2 s a microbatch
+# however fast the machine, so a batch of 30 microbatches drains slowly enough to watch its progress and ETA.
+SIM_MODEL = ModelSpec("sim-xl-watched", "sim:flan-t5-xl-h200")
 TOO_LONG = " ".join(f"w{i}" for i in range(400))  # more prompt tokens than the tiny model takes: generation_error
 
 
@@ -285,12 +289,13 @@ def chaos_workers(client: FlaskClient) -> list[dict[str, Any]]:
 def test_a_running_worker_shows_its_work_batches_progress_for_their_tenant_and_leaves_when_stopped(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    # Small microbatches: the batch drains in many steps, so its progress and ETA can be seen moving.
-    worker_settings = dataclasses.replace(settings, worker_ttl_s=30, max_microbatch_size=4)
-    client = keyed_client(settings)
-    worker = start_worker(worker_settings, CHAOS_MODEL, redis_client)
+    # Small microbatches of a model with a fixed device time: the batch drains in steps that can be watched.
+    with_sim = dataclasses.replace(settings, extra_models=(*settings.extra_models, SIM_MODEL))
+    worker_settings = dataclasses.replace(with_sim, worker_ttl_s=30, max_microbatch_size=4)
+    client = keyed_client(with_sim)
+    worker = start_worker(worker_settings, SIM_MODEL.name, redis_client)
     try:
-        [entry] = wait_until(lambda: chaos_workers(client))
+        [entry] = wait_until(lambda: model(client, SIM_MODEL.name, ACME)["workers"])
         assert set(entry) >= WORKER_FIELDS
         assert entry["engine"] == "ready" and entry["device"] == "cpu" and entry["dtype"] == "float32"
         assert entry["max_batch_size"] == 4 and entry["max_batch_tokens"] == 16384
@@ -298,9 +303,9 @@ def test_a_running_worker_shows_its_work_batches_progress_for_their_tenant_and_l
         assert "@" in entry["name"] and entry["host"]
 
         lines = [{"custom_id": "bad", "question": TOO_LONG}]
-        lines += [{"custom_id": str(i), "question": f"How do I add worker number {i}?"} for i in range(200)]
+        lines += [{"custom_id": str(i), "question": f"How do I add worker number {i}?"} for i in range(119)]
         body = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-        query = f"model={CHAOS_MODEL}&params=" + json.dumps({"max_new_tokens": 2, "num_beams": 1})
+        query = f"model={SIM_MODEL.name}&params=" + json.dumps({"max_new_tokens": 8, "min_new_tokens": 8, "num_beams": 1})
         response = client.post(f"/v1/batches?{query}", data=body, content_type="application/x-ndjson", headers=ACME)
         assert response.status_code == 202, response.get_json()
         batch_id = response.get_json()["id"]
@@ -308,21 +313,21 @@ def test_a_running_worker_shows_its_work_batches_progress_for_their_tenant_and_l
         acme_views, beta_views = [], []
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            acme_views.append(model(client, CHAOS_MODEL, ACME))
-            beta_views.append(model(client, CHAOS_MODEL, BETA))
+            acme_views.append(model(client, SIM_MODEL.name, ACME))
+            beta_views.append(model(client, SIM_MODEL.name, BETA))
             if not acme_views[-1]["batches"] and acme_views[-1]["queues"]["backlog_pending"] == 0:
                 break
             time.sleep(0.2)
         moving = [b for view in acme_views for b in view["batches"] if 0 < b["progress"] < 1 and b["eta_s"] is not None]
         assert moving, "the batch never showed progress with an ETA"
-        assert all(b["id"] == batch_id and b["items_per_s"] > 0 and b["total"] == 201 for b in moving)
+        assert all(b["id"] == batch_id and b["items_per_s"] > 0 and b["total"] == 120 for b in moving)
         assert all(view["batches"] == [] for view in beta_views)
         assert any(view["queues"]["backlog_pending"] > 0 for view in acme_views)
 
         def all_counted() -> dict[str, Any] | None:
-            view = model(client, CHAOS_MODEL, ACME)
+            view = model(client, SIM_MODEL.name, ACME)
             done = sum(point["items"] for point in view["throughput"])
-            return view if done == 201 and view["workers"] and view["workers"][0]["jobs_done"] == 201 else None
+            return view if done == 120 and view["workers"] and view["workers"][0]["jobs_done"] == 120 else None
 
         final = wait_until(all_counted, timeout_s=30)
         [entry] = final["workers"]
@@ -331,11 +336,11 @@ def test_a_running_worker_shows_its_work_batches_progress_for_their_tenant_and_l
         assert sum(point["failed"] for point in final["throughput"]) == 1
         [failure] = final["recent_failures"]
         assert failure["batch_id"] == batch_id and failure["type"] == "generation_error"
-        assert model(client, CHAOS_MODEL, BETA)["recent_failures"] == []
+        assert model(client, SIM_MODEL.name, BETA)["recent_failures"] == []
     finally:
         worker.stop()
     # A clean shutdown leaves the registry at once, long before the 30 s TTL.
-    assert wait_until(lambda: chaos_workers(client) == [], timeout_s=5)
+    assert wait_until(lambda: model(client, SIM_MODEL.name, ACME)["workers"] == [], timeout_s=5)
 
 
 @pytest.mark.slow

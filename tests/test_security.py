@@ -226,14 +226,20 @@ def test_an_unexpected_worker_error_reaches_the_client_as_a_stable_message(store
     from types import SimpleNamespace
 
     from worker.ledger import Ledger
+    from worker.registry import WorkerActivity
     from worker.tasks import INTERNAL_ERROR_MESSAGE, _await_and_store
 
     store.create(Job(id="boom", status=JobStatus.QUEUED, question="q", model="tiny-t5", created_at=time.time()))
     store.transition("boom", JobStatus.RUNNING, worker="w@h")
-    resident = SimpleNamespace(store=store, settings=settings, served_by="tiny-t5", ledger=Ledger(None), worker_name="w@h")
+    activity = WorkerActivity("tiny-t5", "w@h")
+    resident = SimpleNamespace(
+        store=store, settings=settings, served_by="tiny-t5", ledger=Ledger(None), worker_name="w@h", duties=SimpleNamespace(activity=activity)
+    )
     future: Future[object] = Future()
     future.set_exception(RuntimeError("CUDA error: device-side assert triggered at /opt/secret/path 0x7f3a"))
     _await_and_store(resident, "boom", time.time(), time.time(), future)  # type: ignore[arg-type]
     error = store.get("boom").error
     assert error == {"type": "internal_error", "message": INTERNAL_ERROR_MESSAGE}
     assert "CUDA" not in str(error) and "/opt/secret" not in str(error)
+    # Nor does the operator's view (`/v1/models`: the worker's last error).
+    assert activity.last_error is not None and activity.last_error["message"] == INTERNAL_ERROR_MESSAGE

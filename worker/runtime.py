@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import torch
 
 from shared import redis_keys
 from shared.config import Settings
@@ -263,9 +264,7 @@ def load(settings: Settings, worker_name: str) -> Resident:
         served_by=generator.label,
         microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff, lane=lane),
         handoff=handoff,
-        duties=start_duties(
-            settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed
-        ),
+        duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed),
         ledger=Ledger(settings.execution_ledger),
     )
     # `ragq serve` and the tests wait for this before sending work.
@@ -285,9 +284,9 @@ def registration(settings: Settings, store: JobStore, worker_name: str, caps: Mi
 def description(settings: Settings, caps: MicrobatchSettings, lane: Lane | None = None) -> dict[str, Any]:
     """Where this worker's model runs (the engine's own word, once it is ready), in which dtype, with which caps."""
     info = lane.info if isinstance(lane, EngineLane) else {}
-    device = resolve_device(settings.device)
+    device = torch.device(info["device"]) if info.get("device") else resolve_device(settings.device)
     dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
-    return describe(info.get("device") or str(device), dtype, caps.max_size, caps.max_tokens)
+    return describe(str(device), dtype, caps.max_size, caps.max_tokens)
 
 
 _resident: Resident | None = None
