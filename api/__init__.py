@@ -14,7 +14,8 @@ def create_app(config: Settings | None = None) -> Flask:
     from api import models
 
     settings = config if config is not None else Settings.from_env()
-    app = Flask(__name__)
+    # No app-wide /static route: the dashboard's blueprint serves api/static with the page's security headers.
+    app = Flask(__name__, static_folder=None)
     # Flask refuses larger bodies with 413 before a view reads them.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     state.init_app(app, settings)
@@ -31,6 +32,11 @@ def create_app(config: Settings | None = None) -> Flask:
 
     app.register_blueprint(files.bp)
     app.register_blueprint(openai_compat.bp)
+
+    # The operator's live page at /dashboard (and /), reading the JSON API (api/dashboard.py).
+    from api import dashboard
+
+    app.register_blueprint(dashboard.bp)
     app.before_request(_reject_unknown_query_parameters)
     return app
 
