@@ -13,6 +13,7 @@ from typing import IO, Any
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
 from api import idempotency, state, tenancy
+from api import metrics as api_metrics
 from shared import batch_store as batch_store_module
 from shared.batch_store import BatchLimits, BatchStore, IdempotencyClaim, encode_result
 from shared.batches import MAX_WINDOW_S, Batch, Submission, item_rows, new_batch_id, open_submission
@@ -51,6 +52,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
                 batch = _new_batch(submission.options, batch_id, tenant)
                 store.check_quota(tenant, 1, limits())
                 _store_submission(store, batch, submission, stream, body, claim)
+                api_metrics.jobs_submitted(batch.model, "batch_item", batch.total)
         except idempotency.Replay as replay:
             return _replayed(replay.obj)  # type: ignore[arg-type]
     return jsonify(store.public(batch.id, tenant)), 202, {"Location": url_for("batches.read", batch_id=batch.id)}

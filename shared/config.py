@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.api_keys import parse_env_keys
+from shared.api_keys import parse_admin_tenants, parse_env_keys
 from shared.devices import check_placement_settings
 from shared.models import ModelSpec, parse_model_list, parse_model_spec
 from shared.netguard import DEFAULT_PORTS as DEFAULT_CALLBACK_PORTS
@@ -188,6 +188,17 @@ class Settings:
     fallback_tiny_model: bool = _setting(
         "RAGQ_FALLBACK_TINY_MODEL", False, "Serve a tiny local model when the configured one cannot be had."
     )
+    # Metrics and usage (docs/design.md "Metrics", README "Operating ragq").
+    metrics_port: int = _setting(
+        "RAGQ_METRICS_PORT", 9100, "Port of each worker's Prometheus `/metrics` (0: off); a worker finding it taken tries the next 31.", lo=0, hi=65535
+    )
+    metrics_host: str = _setting("RAGQ_METRICS_HOST", "0.0.0.0", "Address each worker's `/metrics` listens on.")
+    metrics_require_key: bool = _setting(
+        "RAGQ_METRICS_REQUIRE_KEY", False, "The API's `/metrics` (which names tenants) answers only an admin tenant's key. Off: open, like `/healthz`."
+    )
+    admin_tenants: str | None = _setting(
+        "RAGQ_ADMIN_TENANTS", None, "Tenants (comma-separated) whose keys see every tenant's `/v1/usage` and, with RAGQ_METRICS_REQUIRE_KEY, `/metrics`."
+    )
 
     def __post_init__(self) -> None:
         if self.task_time_limit_s >= self.visibility_timeout_s:
@@ -299,6 +310,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "execution_ledger": Path,
     "api_keys_file": Path,
     "callback_ports": lambda raw: ",".join(str(port) for port in sorted(parse_ports(raw))),
+    "admin_tenants": lambda raw: ",".join(parse_admin_tenants(raw)),
 }
 _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},

@@ -145,3 +145,23 @@ def tenant_stored_batches(tenant: str) -> str:
 def tenant_stored_items(tenant: str) -> str:
     """Count of the items of the batches in `tenant_stored_batches`."""
     return f"{PREFIX}:tenant:{tenant}:stored-items"
+
+
+# Usage per tenant (shared/usage.py): written by the job transition script when a job succeeds.
+USAGE_GRANULARITIES = ("hour", "day")
+
+
+def usage_bucket(tenant: str, granularity: str, start: int | str) -> str:
+    """Hash of a tenant's usage in one hour or day (`start`: its first second, Unix time, UTC), field
+    `<figure>:<model>`; expires after the granularity's retention (`shared.usage.RETENTION_S`)."""
+    return f"{PREFIX}:usage:{tenant}:{granularity}:{start}"
+
+
+def usage_total(tenant: str) -> str:
+    """Hash of a tenant's usage since Redis's data began, fields as `usage_bucket`'s: the Prometheus counters."""
+    return f"{PREFIX}:usage:{tenant}:total"
+
+
+def usage_tenants() -> str:
+    """Set of the tenants that have usage: where an admin's `/v1/usage` and the metrics look."""
+    return f"{PREFIX}:usage:tenants"
