@@ -118,6 +118,8 @@ def test_metrics_answer_while_redis_is_away_and_count_the_error(settings: Settin
 # -- with real processes -------------------------------------------------------------------------------------
 
 MODEL = "tiny-t5-metrics"
+# Short answers: a random tiny model otherwise writes up to RAGQ_MAX_NEW_TOKENS, slow on a busy machine.
+SHORT = {"max_new_tokens": 8}
 
 
 @pytest.fixture
@@ -139,9 +141,9 @@ def test_counts_move_as_a_real_worker_answers_jobs(metrics_settings: Settings, r
     interactive, items = 6, 10
     job_ids = []
     for i in range(interactive):
-        response = client.post("/v1/jobs", json={"question": f"How do I join the course? {i}", "model": MODEL})
+        response = client.post("/v1/jobs", json={"question": f"How do I join the course? {i}", "model": MODEL, "params": SHORT})
         job_ids.append(response.json["id"])
-    lines = "".join(f'{{"custom_id": "{i}", "question": "Can I still enroll? {i}"}}\n' for i in range(items)).encode()
+    lines = "".join(f'{{"custom_id": "{i}", "question": "Can I still enroll? {i}", "params": {{"max_new_tokens": 8}}}}\n' for i in range(items)).encode()
     batch = client.post(f"/v1/batches?model={MODEL}", data=lines, content_type="application/jsonl").json
     api = scrape(client)
     assert value(api, "ragq_jobs_submitted_total", model=MODEL, kind="job") == interactive

@@ -139,7 +139,10 @@ def test_usage_end_to_end_with_a_real_worker(settings: Settings, t5_worker: Work
     submitted: dict[str, list[str]] = {"acme": [], "beta": []}
     for tenant, key, count in (("acme", ACME_KEY, 3), ("beta", BETA_KEY, 2)):
         for i in range(count):
-            response = client.post("/v1/jobs", json={"question": f"How do I join the course? {tenant} {i}"}, headers=auth(key))
+            response = client.post(
+                "/v1/jobs", json={"question": f"How do I join the course? {tenant} {i}", "params": {"max_new_tokens": 8}},
+                headers=auth(key),
+            )
             assert response.status_code == 202, response.json
             submitted[tenant].append(response.json["id"])
     recorded: dict[str, tuple[int, int, int]] = {}
