@@ -25,7 +25,7 @@ from shared import redis_keys
 from shared.api_keys import is_admin
 from shared.config import Settings
 from shared.errors import Forbidden
-from shared.metrics import HTTP_METHODS, MULTIPROC_ENV, REQUEST_BUCKETS_S
+from shared.metrics import HTTP_METHODS, MULTIPROC_ENV, REQUEST_BUCKETS_S, redis_errors_counter
 from shared.usage import UsageStore
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ REQUEST_DURATION = Histogram(
     ["route", "method"], buckets=REQUEST_BUCKETS_S,
 )
 JOBS_SUBMITTED = Counter("ragq_jobs_submitted", "Jobs accepted: interactive jobs and batch items.", ["model", "kind"])
-REDIS_ERRORS = Counter("ragq_redis_errors", "Redis errors met, by the part of the API that met them.", ["component"])
+REDIS_ERRORS = redis_errors_counter()
 
 
 def init_app(app: Flask, settings: Settings) -> None:

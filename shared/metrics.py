@@ -12,6 +12,8 @@ import atexit
 import os
 import shutil
 import tempfile
+from functools import cache
+from typing import Any
 
 # prometheus_client's switch: set, counters and histograms of every process go to files in that directory and
 # a scrape of any one process adds them up.
@@ -62,3 +64,12 @@ def multiprocess_dir_for(processes: int) -> str | None:
     atexit.register(remove)
     os.environ[MULTIPROC_ENV] = directory
     return directory
+
+
+@cache
+def redis_errors_counter() -> Any:
+    """`ragq_redis_errors_total{component}`, which the API and the workers both count: made once per process (a
+    test imports both sides), on first use, so that importing this module leaves prometheus_client unimported."""
+    from prometheus_client import Counter
+
+    return Counter("ragq_redis_errors", "Redis errors met, by the part of ragq that met them.", ["component"])

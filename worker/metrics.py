@@ -16,7 +16,7 @@ from kombu.exceptions import OperationalError
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from shared.config import Settings
-from shared.metrics import GENERATE_BUCKETS_S, MICROBATCH_BUCKETS, PORT_TRIES, QUEUE_WAIT_BUCKETS_S
+from shared.metrics import GENERATE_BUCKETS_S, MICROBATCH_BUCKETS, PORT_TRIES, QUEUE_WAIT_BUCKETS_S, redis_errors_counter
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ QUEUE_WAIT = Histogram(
 CALLBACKS = Counter("ragq_callbacks", "Batch callback deliveries by outcome.", ["outcome"])
 WORKER_UP = Gauge("ragq_worker_up", "1 while this worker process serves its model.", ["model", "worker"])
 ENGINE_RESTARTS = Counter("ragq_engine_restarts", "Engine processes started again after one died.", ["model"])
-REDIS_ERRORS = Counter("ragq_redis_errors", "Redis errors met, by the part of the worker that met them.", ["component"])
+REDIS_ERRORS = redis_errors_counter()
 
 # The one model this process serves: every hook's `model` label.
 _model = "unknown"
