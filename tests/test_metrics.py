@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from cli import processes
 from cli.redis_server import free_port
 from shared.config import Settings
 from shared.models import ModelSpec
+from shared.store import JobStore
 from tests.helpers import child_env, start_worker
 from tests.test_usage import ACME_KEY, BETA_KEY, OPS_KEY, auth, finished_job, keyed_client
 
@@ -71,7 +73,7 @@ def test_requests_are_counted_by_url_rule_never_by_raw_path(client: FlaskClient,
     ) == 3
 
 
-def test_submissions_queue_depth_and_usage_are_exported(client: FlaskClient, redis_client: redis.Redis, store) -> None:  # type: ignore[no-untyped-def]
+def test_submissions_queue_depth_and_usage_are_exported(client: FlaskClient, redis_client: redis.Redis, store: JobStore) -> None:
     before = scrape(client)
     # "unserved" has no worker: its jobs stay queued.
     for i in range(3):
@@ -113,6 +115,21 @@ def test_metrics_answer_while_redis_is_away_and_count_the_error(settings: Settin
     samples = scrape(away)
     assert value(samples, "ragq_redis_errors_total", component="metrics") >= 1
     assert not any(name == "ragq_queue_depth" for name, _ in samples)
+
+
+def test_a_worker_whose_metrics_port_is_taken_takes_the_next_free_one(settings: Settings) -> None:
+    from worker import metrics as worker_metrics
+
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        got = worker_metrics.start(dataclasses.replace(settings, metrics_port=port, metrics_host="127.0.0.1"), "w@h")
+    finally:
+        taken.close()
+    assert got is not None and port < got < port + 32
+    samples = scrape_worker(got)
+    assert value(samples, "ragq_worker_up", model="tiny-t5", worker="w@h") == 1
+    assert worker_metrics.start(dataclasses.replace(settings, metrics_port=0), "w@h") is None
 
 
 # -- with real processes -------------------------------------------------------------------------------------
