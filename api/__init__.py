@@ -11,7 +11,7 @@ from shared.errors import ValidationFailed
 def create_app(config: Settings | None = None) -> Flask:
     """The Flask app; `config` defaults to settings read from the environment."""
     from api import batches, callbacks, errors, health, jobs, openapi, state, tenancy
-    from api import models
+    from api import metrics, models, usage
 
     settings = config if config is not None else Settings.from_env()
     # No app-wide /static route: the dashboard's blueprint serves api/static with the page's security headers.
@@ -20,6 +20,9 @@ def create_app(config: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     state.init_app(app, settings)
     errors.init_app(app)
+    # Metrics and usage (docs/design.md "Metrics"): before tenancy, so refused requests are timed and counted too.
+    metrics.init_app(app, settings)
+    app.register_blueprint(usage.bp)
     tenancy.init_app(app, settings)
     app.register_blueprint(health.bp)
     app.register_blueprint(jobs.bp)
@@ -49,6 +52,7 @@ QUERY_PARAMETERS: dict[str, frozenset[str]] = {
     "batches.results": frozenset({"status", "merged"}),
     "batches.retry": frozenset({"error_type"}),
     "files.listing": frozenset({"purpose", "limit"}),
+    "usage.read": frozenset({"granularity", "start", "end"}),
 }
 
 

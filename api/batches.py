@@ -13,6 +13,7 @@ from typing import IO, Any
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context, url_for
 
 from api import idempotency, openai_compat, retries, state, tenancy
+from api import metrics as api_metrics
 from api.jobs import confirm_replicated
 from shared import batch_store as batch_store_module
 from shared.batch_store import BatchLimits, BatchStore, IdempotencyClaim, encode_result
@@ -60,6 +61,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
                 batch, rows = _read_submission(stream, batch_id, tenant)
                 store.check_quota(tenant, 1, limits())
                 store_rows(store, batch, rows, claim, lambda: body.drain(stream))
+                api_metrics.jobs_submitted(batch.model, "batch_item", batch.total)
         except idempotency.Replay as replay:
             return _replayed(replay.obj)  # type: ignore[arg-type]
     confirm_replicated(batch_id=batch.id)

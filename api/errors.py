@@ -10,6 +10,7 @@ from flask import Flask, Response, jsonify
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import HTTPException
 
+from api import metrics
 from shared import errors
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(OperationalError)
     def redis_down(exc: Exception) -> tuple[Response, int]:
         log.warning("redis unavailable: %s", exc)
+        metrics.redis_error("api")
         return error_response(503, errors.Unavailable.type, "the job store (Redis) is unavailable; retry later")
 
     @app.errorhandler(redis.exceptions.ResponseError)

@@ -12,6 +12,7 @@ import redis
 from flask import Blueprint, Response, jsonify, request, url_for
 
 from api import idempotency, state, tenancy
+from api import metrics as api_metrics
 from shared.broker import enqueue, mark_sent
 from shared.config import MAX_WAIT_S
 from shared.errors import BadRequest, Conflict, NotFound, Unavailable, ValidationFailed
@@ -37,6 +38,7 @@ def submit() -> tuple[Response, int, dict[str, str]]:
             "job", job.id, fingerprint, lambda job_id: owned_job(job_id).to_public()
         ):
             store_and_enqueue(job, reservation)
+        api_metrics.jobs_submitted(job.model, "job")
     except idempotency.Replay as replay:
         return _replayed(replay.obj)  # type: ignore[arg-type]
     # Outside the blocks above: a job whose replicas are late stays stored, quota and Idempotency-Key included, so

@@ -127,6 +127,35 @@ def _models_paths() -> dict[str, Any]:
     }
 
 
+_USAGE_ROW: dict[str, Any] = {
+    "type": "object",
+    "required": ["tenant", "model", "jobs", "prompt_tokens", "completion_tokens", "generate_seconds"],
+    "properties": {
+        "tenant": {"type": "string"},
+        "model": {"type": "string"},
+        "start": {"type": "string", "format": "date-time"},
+        "end": {"type": "string", "format": "date-time"},
+        "jobs": {"type": "integer"},
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "generate_seconds": {"type": "number"},
+    },
+}
+USAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["object", "granularity", "start", "end", "scope", "data", "totals"],
+    "properties": {
+        "object": {"const": "usage"},
+        "granularity": {"enum": ["hour", "day"]},
+        "start": {"type": "string", "format": "date-time"},
+        "end": {"type": "string", "format": "date-time"},
+        "scope": {"enum": ["tenant", "all"], "description": "all: an admin tenant's view of every tenant"},
+        "data": {"type": "array", "items": _USAGE_ROW, "description": "Per hour or day, tenant and model, oldest first"},
+        "totals": {"type": "array", "items": _USAGE_ROW, "description": "The range's sums per tenant and model"},
+    },
+}
+
+
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
 
@@ -318,6 +347,35 @@ def build_document() -> dict[str, Any]:
                 "get": {
                     "summary": "The tenant's secret for verifying batch callbacks (Ragq-Signature)",
                     "responses": {"200": {"description": "secret, header, scheme, tolerance_s"}, "404": _error("Callbacks not configured")},
+                }
+            },
+            # Usage and metrics (api/usage.py, api/metrics.py).
+            "/v1/usage": {
+                "get": {
+                    "summary": "Usage per tenant and model by hour or day; an admin tenant sees every tenant's",
+                    "parameters": [
+                        {"name": "granularity", "in": "query", "required": False, "schema": {"enum": ["hour", "day"], "default": "day"}},
+                        *(
+                            {"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                             "description": "ISO 8601 time (no offset: UTC) or Unix seconds"}
+                            for name in ("start", "end")
+                        ),
+                    ],
+                    "responses": {
+                        "200": {"description": "Usage", "content": {"application/json": {"schema": USAGE_SCHEMA}}},
+                        "400": _error("Bad granularity, start or end, or a range longer than the retention"),
+                        "422": _error("Unknown query parameter"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (text format)",
+                    "responses": {
+                        "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        "401": _error("RAGQ_METRICS_REQUIRE_KEY is on and no valid key was sent"),
+                        "403": _error("RAGQ_METRICS_REQUIRE_KEY is on and the key is not an admin tenant's"),
+                    },
                 }
             },
             "/healthz": {"get": {"summary": "Process is up", "responses": {"200": {"description": "ok"}}}},

@@ -16,6 +16,7 @@ from gunicorn.app.base import BaseApplication
 from api import create_app
 from shared.config import Settings
 from shared.api_keys import UNAUTHENTICATED_NOTICE
+from shared.metrics import multiprocess_dir_for
 
 
 class GunicornServer(BaseApplication):  # type: ignore[misc]
@@ -56,6 +57,8 @@ def gunicorn_options(settings: Settings, processes: int) -> dict[str, Any]:
 
 def run(settings: Settings, processes: int = 1) -> None:
     """Serve the API on `settings.host:settings.port` until stopped."""
+    # Before prometheus_client is imported (by create_app): several processes share their counts through files.
+    multiprocess_dir_for(processes)
     # Built once here only to refuse a bad configuration before gunicorn starts; each worker builds its own.
     app = create_app(settings)
     if not app.extensions["ragq-keys"].enabled:

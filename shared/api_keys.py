@@ -185,3 +185,18 @@ def check_exposure(settings: Settings, ring: KeyRing) -> None:
 
 
 UNAUTHENTICATED_NOTICE = "no API keys configured: serving without authentication, on loopback only (see `ragq keys create`)"
+
+
+# Admin tenants (docs/design.md "Metrics"): a role of a tenant, so every key of it carries it, and the keys file
+# keeps the format `ragq keys create` writes.
+def parse_admin_tenants(raw: str | None) -> list[str]:
+    """`RAGQ_ADMIN_TENANTS` (`team-a,ops`) as tenant names, each checked like a keys file's."""
+    return [check_tenant(name.strip()) for name in (raw or "").split(",") if name.strip()]
+
+
+def is_admin(tenant: str, admin_tenants: str | None, keys_enabled: bool) -> bool:
+    """Whether `tenant` may see every tenant's figures: one named in `RAGQ_ADMIN_TENANTS`, or, without keys, the
+    one tenant there is (`local`: every figure is its own)."""
+    if not keys_enabled:
+        return tenant == LOCAL_TENANT
+    return tenant in {name.strip() for name in (admin_tenants or "").split(",")}

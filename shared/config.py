@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import ConfigError
-from shared.api_keys import parse_env_keys
+from shared.api_keys import parse_admin_tenants, parse_env_keys
 from shared.devices import check_placement_settings
 from shared.models import ModelSpec, parse_model_list, parse_model_spec
 from shared.netguard import DEFAULT_PORTS as DEFAULT_CALLBACK_PORTS
@@ -238,6 +238,17 @@ class Settings:
     worker_ttl_s: int = _setting(
         "RAGQ_WORKER_TTL_S", 15, "Seconds a dead worker stays listed in `/v1/models` at most (its entry's lifetime; refreshed every 2 s or a third of this).", lo=3, hi=600
     )
+    # Metrics and usage (docs/design.md "Metrics", README "Operating ragq").
+    metrics_port: int = _setting(
+        "RAGQ_METRICS_PORT", 9100, "Port of each worker's Prometheus `/metrics` (0: off); a worker finding it taken tries the next 31.", lo=0, hi=65535
+    )
+    metrics_host: str = _setting("RAGQ_METRICS_HOST", "0.0.0.0", "Address each worker's `/metrics` listens on.")
+    metrics_require_key: bool = _setting(
+        "RAGQ_METRICS_REQUIRE_KEY", False, "The API's `/metrics` (which names tenants) answers only an admin tenant's key. Off: open, like `/healthz`."
+    )
+    admin_tenants: str | None = _setting(
+        "RAGQ_ADMIN_TENANTS", None, "Tenants (comma-separated) whose keys see every tenant's `/v1/usage` and, with RAGQ_METRICS_REQUIRE_KEY, `/metrics`."
+    )
 
     def __post_init__(self) -> None:
         if self.task_time_limit_s >= self.visibility_timeout_s:
@@ -353,7 +364,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "api_keys_file": Path,
     "callback_ca_file": lambda raw: _readable_file(Path(raw)),
     "callback_ports": lambda raw: ",".join(str(port) for port in sorted(parse_ports(raw))),
+    "admin_tenants": lambda raw: ",".join(parse_admin_tenants(raw)),
 }
+
+
 def _readable_file(path: Path) -> Path:
     # Checked at start, so a typo stops the worker at once instead of failing every HTTPS callback later.
     try:

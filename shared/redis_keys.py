@@ -199,3 +199,22 @@ def tenant_files(tenant: str) -> str:
 def replication_barrier() -> str:
     """Pub/sub channel written to (and never read) to move a connection's replication offset to the newest write."""
     return f"{PREFIX}:replication-barrier"
+
+# Usage per tenant (shared/usage.py): written by the job transition script when a job succeeds.
+USAGE_GRANULARITIES = ("hour", "day")
+
+
+def usage_bucket(tenant: str, granularity: str, start: int | str) -> str:
+    """Hash of a tenant's usage in one hour or day (`start`: its first second, Unix time, UTC), field
+    `<figure>:<model>`; expires after the granularity's retention (`shared.usage.RETENTION_S`)."""
+    return f"{PREFIX}:usage:{tenant}:{granularity}:{start}"
+
+
+def usage_total(tenant: str) -> str:
+    """Hash of a tenant's usage since Redis's data began, fields as `usage_bucket`'s: the Prometheus counters."""
+    return f"{PREFIX}:usage:{tenant}:total"
+
+
+def usage_tenants() -> str:
+    """Set of the tenants that have usage: where an admin's `/v1/usage` and the metrics look."""
+    return f"{PREFIX}:usage:tenants"

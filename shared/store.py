@@ -18,6 +18,7 @@ import redis
 
 from shared import redis_keys
 from shared.lua import with_now
+from shared.usage import RECORD_USAGE_LUA
 from shared.errors import NotFound
 from shared.api_keys import LOCAL_TENANT
 from shared.jobs import Job, JobStatus, allowed_sources
@@ -42,7 +43,7 @@ TEMPLATES = json.dumps(
 )
 
 # A library of Lua functions, prepended to each script below.
-_LUA_LIB = with_now("""
+_LUA_LIB = with_now(RECORD_USAGE_LUA + """
 local T = cjson.decode(ARGV[1])
 local RESULT_TTL = tonumber(ARGV[2])
 local function key(name, id) return (string.gsub(T[name], '{id}', id)) end
@@ -111,6 +112,8 @@ local function transition(job_key, target, allowed, fields)
     local tenant = raw_tenant and cjson.decode(raw_tenant) or T['local_tenant']
     if redis.call('DECR', key('outstanding', tenant)) <= 0 then redis.call('DEL', key('outstanding', tenant)) end
   end
+  -- Usage per tenant (shared/usage.py) moves with the result that records it: counted once, never lost.
+  if target == 'succeeded' and current ~= target then record_usage(job_key) end
   redis.call('PUBLISH', job_key .. ':events', target)
   local batch = redis.call('HGET', job_key, 'batch_id')
   if batch and current ~= target then

@@ -36,6 +36,7 @@ from shared.batch_store import BatchStore
 from shared.callback_signing import SIGNATURE_HEADER, sign, tenant_secret
 from shared.errors import NotFound
 from shared.netguard import DEFAULT_PORTS, Destination, RefusedURL, destination, parse_ports
+from worker import metrics as worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,7 @@ class CallbackSender:
             delivered, problem = 200 <= status < 300, f"HTTP {status}"
         except (OSError, http.client.HTTPException, ValueError) as exc:
             delivered, problem = False, f"{type(exc).__name__}: {exc}"
+        worker_metrics.callback(delivered)
         if delivered:
             self._forget_callback(batch_id)
             return True

@@ -24,6 +24,7 @@ from worker.audit import MessageAudit
 from worker.callbacks import CallbackSender
 from worker.expiry import Expiry
 from worker.feeder import Feeder
+from worker import metrics as worker_metrics
 from worker.liveness import Heartbeat, Reaper
 from worker.registry import WorkerActivity, WorkerRegistration, registration_for
 
@@ -74,8 +75,9 @@ class PeriodicLoop:
         while not self.stop.wait(wait_s):
             try:
                 more = self.step()
-            except Exception:
+            except Exception as exc:
                 # Redis may be down for a while; the loops must outlive that.
+                worker_metrics.error(exc, self.thread.name)
                 log.exception("%s: housekeeping error; retrying", self.thread.name)
                 wait_s = self.error_pause_s
                 continue

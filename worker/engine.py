@@ -36,6 +36,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from shared.errors import ModelLoadError
+from worker import metrics as worker_metrics
 from worker.engine_process import EngineCrash, EngineHung, EngineOptions, serve
 from worker.lane import INTERACTIVE, LaneEvents
 
@@ -326,6 +327,7 @@ class EngineLane:
             return False
         with self._lock:
             self.restarts += 1
+            worker_metrics.engine_restarted()
             self._engine = engine
             # Interactive first, the microbatch that was running before the others, then in the order they came.
             for part_id in sorted(self._parts, key=self._resend_order):

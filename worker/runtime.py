@@ -25,6 +25,7 @@ from worker.engine import EngineLane
 from worker.engine_process import EngineOptions
 from worker.generation import Generator, enable_continuous, load_generator, load_preparing, resolve_device, resolve_dtype
 from worker.handoff import InteractiveHandoff
+from worker import metrics as worker_metrics
 from worker.ledger import Ledger
 from worker.lane import Lane, LocalLane
 from worker.microbatcher import SKIPPED, Microbatcher, MicrobatchInfo, MicrobatchItem
@@ -130,6 +131,7 @@ class Answerer:
         """Per item: `(Answer, MicrobatchInfo)`, the exception that failed it, or `SKIPPED`."""
         results: list[Any] = [SKIPPED] * len(items)
         answers = answers_of([p for _, p in launch.kept], generated)
+        worker_metrics.microbatch_finished(len(launch.kept), generated)
         for (i, _), result in zip(launch.kept, answers, strict=True):
             info = MicrobatchInfo(len(launch.kept), (started_at - items[i].enqueued_at) * 1000)
             results[i] = result if isinstance(result, Exception) else (result, info)
@@ -151,6 +153,7 @@ class Answerer:
             # the final transition refuses to overwrite it, and the results wait for Redis to come back.
             log.warning("cannot read the microbatch's statuses; answering all %d jobs", len(indices))
             return indices
+        worker_metrics.jobs_found_ended(statuses)
         return [i for i, status in zip(indices, statuses, strict=True) if status is JobStatus.RUNNING]
 
     def __call__(self, items: Sequence[MicrobatchItem]) -> list[Any]:
@@ -273,6 +276,7 @@ def load(settings: Settings, worker_name: str) -> Resident:
         duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed),
         ledger=Ledger(settings.execution_ledger),
     )
+    worker_metrics.start(settings, worker_name)
     # `ragq serve` and the tests wait for this before sending work.
     announce_worker(store.redis, worker_name, spec.name)
     log.info(

@@ -15,6 +15,8 @@ import redis
 from shared import redis_keys
 from shared.jobs import JobStatus
 from shared.store import Transition
+from shared.usage import job_usage
+from worker import metrics as worker_metrics
 from worker import pipeline
 from worker.microbatcher import BACKLOG, INTERACTIVE, MicrobatchInfo, Skipped
 from worker.engine_process import EngineCrash, EngineHung
@@ -41,9 +43,11 @@ def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -
             if job is None:
                 # Cancelled before pick-up, already finished (a redelivered message), or expired.
                 log.info("skipping job %s: status is %s", job_id, claim.previous)
+                worker_metrics.jobs_found_ended([claim.previous])
                 resident.store.redis.srem(redis_keys.worker_jobs(resident.worker_name), job_id)
                 return None
             resident.ledger.record("run", job_id, resident.worker_name)
+            worker_metrics.job_claimed(job.created_at, started_at, job.batch_id is not None)
             if job.attempts > resident.settings.max_attempts:
                 # Delivered again after its worker died each time: it may be what kills them.
                 message = f"the worker running this job died {job.attempts - 1} times; not retried"
@@ -108,8 +112,9 @@ def _succeed(
         finished_at=finished_at,
         served_by=resident.served_by,
         timings=timings,
-        usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        usage=job_usage(result.prompt_tokens, result.completion_tokens, result.generation_ms, result.call_size),
     ))
+    worker_metrics.job_stored(JobStatus.SUCCEEDED, outcome)
     if not outcome.applied:
         log.info("result of job %s discarded: status became %s meanwhile", job_id, outcome.previous)
         return None
@@ -128,6 +133,7 @@ def _fail(resident: Resident, job_id: str, started_at: float, error_type: str, m
         served_by=resident.served_by,
         timings=_timings(job.created_at, started_at, finished_at),
     ))
+    worker_metrics.job_stored(JobStatus.FAILED, outcome)
     if not outcome.applied:
         return None
     resident.duties.activity.failed(job, error_type, message)
@@ -155,7 +161,8 @@ def _retrying(operation: Callable[[], T]) -> T:
     while True:
         try:
             return operation()
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+            worker_metrics.error(exc, "store")
             if time.monotonic() > deadline:
                 raise
             time.sleep(delay_s)

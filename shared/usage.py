@@ -1,0 +1,165 @@
+"""Usage per tenant and model: jobs, prompt and completion tokens, generate seconds, by hour, by day and in total.
+
+Guarantee: every job that succeeds is counted once, in the same Lua script that stores its result (the job
+transition of `shared.store` runs `record_usage` when the target is `succeeded`), so a worker dying between the
+two, or a redelivered message, can neither lose nor double a job's usage. Bounded: an hour's hash expires
+`RETENTION_S["hour"]` after its last write, a day's after `RETENTION_S["day"]`; the totals (the Prometheus
+counters) are one hash per tenant; fields are `<figure>:<model>`, so a hash holds 4 fields per model.
+Hours and days are UTC, by Redis's clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import redis
+
+from shared import redis_keys
+from shared.api_keys import LOCAL_TENANT
+
+HOUR_S = 3600
+DAY_S = 86400
+STEP_S = {"hour": HOUR_S, "day": DAY_S}
+# Eight days of hours (a week and a day, for week-on-week comparisons); 400 days of days (a year and a month).
+RETENTION_S = {"hour": 8 * DAY_S, "day": 400 * DAY_S}
+# Buckets one `/v1/usage` request may span: the retention, so a request cannot ask Redis for more than exists.
+MAX_BUCKETS = {granularity: RETENTION_S[granularity] // STEP_S[granularity] for granularity in STEP_S}
+FIGURES = ("jobs", "prompt_tokens", "completion_tokens", "generate_s")
+
+_TEMPLATES = json.dumps(
+    {
+        "bucket": redis_keys.usage_bucket("{tenant}", "{granularity}", "{start}"),
+        "total": redis_keys.usage_total("{tenant}"),
+        "tenants": redis_keys.usage_tenants(),
+        "local_tenant": LOCAL_TENANT,
+        "step": STEP_S,
+        "retention": RETENTION_S,
+    }
+)
+
+# Lua for `shared.store`'s script library (needs its `now()`): `record_usage(job_key)` adds a succeeded job's
+# figures (its `usage` field, written by the same transition) to its tenant's hour, day and total.
+RECORD_USAGE_LUA = f"""
+local USAGE = cjson.decode([==[{_TEMPLATES}]==])
+local function usage_key(template, tenant, granularity, start)
+  local k = string.gsub(USAGE[template], '{{tenant}}', tenant)
+  if granularity then
+    k = string.gsub(k, '{{granularity}}', granularity)
+    k = string.gsub(k, '{{start}}', string.format('%d', start))
+  end
+  return k
+end
+local function add_usage(k, model, prompt, completion, generate_s)
+  redis.call('HINCRBY', k, 'jobs:' .. model, 1)
+  redis.call('HINCRBY', k, 'prompt_tokens:' .. model, prompt)
+  redis.call('HINCRBY', k, 'completion_tokens:' .. model, completion)
+  redis.call('HINCRBYFLOAT', k, 'generate_s:' .. model, generate_s)
+end
+local function record_usage(job_key)
+  local usage = cjson.decode(redis.call('HGET', job_key, 'usage') or '{{}}')
+  local raw_tenant = redis.call('HGET', job_key, 'tenant')
+  local tenant = raw_tenant and cjson.decode(raw_tenant) or USAGE['local_tenant']
+  local model = cjson.decode(redis.call('HGET', job_key, 'model') or '"unknown"')
+  local prompt = tonumber(usage['prompt_tokens']) or 0
+  local completion = tonumber(usage['completion_tokens']) or 0
+  local generate_s = string.format('%.6f', tonumber(usage['generate_s']) or 0)
+  local t = now()
+  add_usage(usage_key('total', tenant), model, prompt, completion, generate_s)
+  for granularity, step in pairs(USAGE['step']) do
+    local k = usage_key('bucket', tenant, granularity, math.floor(t / step) * step)
+    add_usage(k, model, prompt, completion, generate_s)
+    redis.call('EXPIRE', k, USAGE['retention'][granularity])
+  end
+  redis.call('SADD', USAGE['tenants'], tenant)
+end
+"""
+
+
+def job_usage(prompt_tokens: int, completion_tokens: int, generation_ms: float, call_size: int) -> dict[str, float | int]:
+    """A succeeded job's `usage` field: its tokens, and its share of the `generate` call that answered it (the
+    call's time divided by the questions in it: what the job cost the device, not the call's whole time)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "generate_s": round(generation_ms / 1000 / max(1, call_size), 6),
+    }
+
+
+@dataclass
+class UsageRow:
+    """One tenant's usage of one model, in one hour or day (`start`), or in total (`start` None)."""
+
+    tenant: str
+    model: str
+    start: int | None = None
+    figures: dict[str, float] = field(default_factory=lambda: dict.fromkeys(FIGURES, 0))
+
+    def add(self, other: UsageRow) -> None:
+        for name in FIGURES:
+            self.figures[name] += other.figures[name]
+
+
+def bucket_count(granularity: str, start_s: float, end_s: float) -> int:
+    """How many hours or days `bucket_starts` would list, without listing them (a range may be centuries)."""
+    if end_s <= start_s:
+        return 0
+    step = STEP_S[granularity]
+    return math.ceil(end_s / step) - math.floor(start_s / step)
+
+
+def bucket_starts(granularity: str, start_s: float, end_s: float) -> list[int]:
+    """The first seconds of the hours or days that overlap [start_s, end_s)."""
+    if end_s <= start_s:
+        return []
+    step = STEP_S[granularity]
+    return list(range(int(start_s // step) * step, math.ceil(end_s), step))
+
+
+def _rows(tenant: str, start: int | None, fields: dict[str, str]) -> list[UsageRow]:
+    rows: dict[str, UsageRow] = {}
+    for name, value in fields.items():
+        figure, _, model = name.partition(":")
+        if figure in FIGURES:
+            row = rows.setdefault(model, UsageRow(tenant, model, start))
+            row.figures[figure] = float(value) if figure == "generate_s" else int(value)
+    return [rows[model] for model in sorted(rows)]
+
+
+class UsageStore:
+    """Reads the usage `record_usage` keeps."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def tenants(self) -> list[str]:
+        """Every tenant with usage recorded."""
+        return sorted(self.redis.smembers(redis_keys.usage_tenants()))
+
+    def buckets(self, granularity: str, start_s: float, end_s: float, tenants: Iterable[str]) -> list[UsageRow]:
+        """The hours or days of [start_s, end_s) with usage, per tenant and model, oldest first; one round trip."""
+        starts = bucket_starts(granularity, start_s, end_s)
+        wanted = [(tenant, start) for tenant in tenants for start in starts]
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant, start in wanted:
+            pipe.hgetall(redis_keys.usage_bucket(tenant, granularity, start))
+        rows = [row for (tenant, start), fields in zip(wanted, pipe.execute(), strict=True) for row in _rows(tenant, start, fields)]
+        return sorted(rows, key=lambda r: (r.start or 0, r.tenant, r.model))
+
+    def totals(self, tenants: Iterable[str] | None = None) -> list[UsageRow]:
+        """Usage since the data began, per tenant and model (every tenant's when `tenants` is None)."""
+        names = self.tenants() if tenants is None else list(tenants)
+        pipe = self.redis.pipeline(transaction=False)
+        for tenant in names:
+            pipe.hgetall(redis_keys.usage_total(tenant))
+        return [row for tenant, fields in zip(names, pipe.execute(), strict=True) for row in _rows(tenant, None, fields)]
+
+
+def summed(rows: Iterable[UsageRow]) -> list[UsageRow]:
+    """`rows` added up per tenant and model (a range's totals)."""
+    sums: dict[tuple[str, str], UsageRow] = {}
+    for row in rows:
+        sums.setdefault((row.tenant, row.model), UsageRow(row.tenant, row.model)).add(row)
+    return [sums[key] for key in sorted(sums)]
