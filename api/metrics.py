@@ -7,12 +7,10 @@ time (queue depths, jobs held by workers, usage per tenant), the same whichever 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import redis
 from flask import Flask, Response, g, request
@@ -21,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from api import tenancy
-from shared import redis_keys
+from shared import overview
 from shared.api_keys import is_admin
 from shared.config import Settings
 from shared.errors import Forbidden
@@ -90,52 +88,13 @@ class _ThisProcess:
         yield from REGISTRY.collect()
 
 
-@dataclass(frozen=True)
-class QueueDepth:
-    """One model's waiting and running work."""
-
-    interactive: int
-    backlog: int
-    running: int
-
-
-def read_queue_depths(client: redis.Redis, models: list[str]) -> dict[str, QueueDepth]:
-    """Per model: interactive messages waiting in its queue; backlog items waiting (on its batch queue, and still
-    pending in its active batches); jobs held by its workers (claimed or reserved). Two round trips.
-
-    The one place the API reads queue depths (a registry of workers may replace it)."""
-    pipe = client.pipeline(transaction=False)
-    for model in models:
-        pipe.llen(redis_keys.model_queue(model))
-        pipe.llen(redis_keys.model_batch_queue(model))
-        pipe.lrange(redis_keys.active_batches(model), 0, -1)
-    pipe.hgetall(redis_keys.workers())
-    pipe.smembers(redis_keys.workers_with_jobs())
-    *per_model, workers, with_jobs = pipe.execute()
-    model_of = {name: _model_in(entry) for name, entry in workers.items()}
-    holders = sorted(w for w in with_jobs if model_of.get(w) in models)
-    pipe = client.pipeline(transaction=False)
-    for model_index in range(len(models)):
-        for batch_id in per_model[3 * model_index + 2]:
-            pipe.llen(redis_keys.batch_pending(batch_id))
-    for worker in holders:
-        pipe.scard(redis_keys.worker_jobs(worker))
-    counts = iter(pipe.execute())
-    pending = [sum(next(counts) for _ in per_model[3 * i + 2]) for i in range(len(models))]
-    running = dict.fromkeys(models, 0)
-    for worker in holders:
-        running[model_of[worker]] += next(counts)
+def read_queue_depths(client: redis.Redis, models: list[str]) -> dict[str, dict[str, int]]:
+    """Per model: what `GET /v1/models` shows as its queues (shared.overview), its live workers' held jobs included."""
+    workers = overview.live_workers(client)
     return {
-        model: QueueDepth(per_model[3 * i], per_model[3 * i + 1] + pending[i], running[model])
-        for i, model in enumerate(models)
+        model: overview.queue_depths(client, model, [w["name"] for w in workers if w.get("model") == model])
+        for model in models
     }
-
-
-def _model_in(entry: str) -> str | None:
-    try:
-        return str(json.loads(entry)["model"])
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 class RedisFigures:
@@ -159,9 +118,9 @@ class RedisFigures:
         queued = GaugeMetricFamily("ragq_queue_depth", "Jobs waiting for a worker, by model and queue.", labels=["model", "queue"])
         running = GaugeMetricFamily("ragq_jobs_running", "Jobs held by workers (claimed or reserved), by model.", labels=["model"])
         for model, depth in depths.items():
-            queued.add_metric([model, "interactive"], depth.interactive)
-            queued.add_metric([model, "backlog"], depth.backlog)
-            running.add_metric([model], depth.running)
+            queued.add_metric([model, "interactive"], depth["interactive_queued"])
+            queued.add_metric([model, "backlog"], depth["backlog_pending"])
+            running.add_metric([model], depth["running"])
         yield queued
         yield running
         families = {
