@@ -12,7 +12,10 @@ many workers fit on a small machine as long as their bookkeeping is cheap). Work
 3. backlog: one `/v1/batches` file of `--backlog` items (the same file in every run), drained while a trickle of
    interactive jobs (`--trickle-per-worker-s` per worker: interactive jobs go first, so a trickle fixed in
    total would take a larger share of one worker than of sixteen and flatter the speed-up) arrives: items/s, its ratio to N x one worker's, interactive p50/p95,
-   Redis CPU and commands per item (housekeeping and the trickle's jobs subtracted), Redis memory.
+   Redis CPU and commands per item (housekeeping and the trickle's jobs subtracted), Redis memory. Items/s is
+   given twice: over the whole drain (backlog / drain time), and steady (between the 10th and 90th percentile of
+   the items' finishing times), since the drain's start and end (about one microbatch each, workers filling
+   or running out) weigh more in the short drain of many workers than in the long one of one.
 
 Redis figures are deltas of `INFO cpu` and `INFO commandstats`; commands run inside Lua scripts count (the
 transition script's `HSET`s are Redis work like any other), and the split by command is printed per run.
@@ -57,6 +60,7 @@ class RedisSample:
     cpu_s: float
     commands: dict[str, int]
     used_memory: int
+    net_bytes: int
     at: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -64,7 +68,13 @@ class RedisSample:
         cpu = client.info("cpu")
         stats = client.info("commandstats")
         commands = {name.removeprefix("cmdstat_"): int(s["calls"]) for name, s in stats.items()}
-        return cls(float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]), commands, int(client.info("memory")["used_memory"]))
+        net = client.info("stats")
+        return cls(
+            float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
+            commands,
+            int(client.info("memory")["used_memory"]),
+            int(net["total_net_input_bytes"]) + int(net["total_net_output_bytes"]),
+        )
 
     def since(self, before: RedisSample) -> tuple[float, dict[str, int], float]:
         """CPU seconds, commands by name and seconds between `before` and this sample, the INFO calls left out."""
@@ -101,10 +111,13 @@ class Trickle:
             self.failed.append(job)
 
     def _submit(self) -> None:
-        while not self.stop.wait(self.every_s):
+        # The first at once: a short backlog still gets interactive jobs beside it.
+        while True:
             thread = threading.Thread(target=self.one, daemon=True)
             thread.start()
             self.threads.append(thread)
+            if self.stop.wait(self.every_s):
+                return
 
     def start(self) -> None:
         self.submitter.start()
@@ -171,6 +184,7 @@ def measure(stack: Stack, client: redis.Redis, workers: int, args: argparse.Name
     run["backlog_succeeded"] = int(counts.get("succeeded", 0))
     run["drain_s"] = round(drain_s, 2)
     run["items_per_s"] = round(args.backlog / drain_s, 2)
+    run["items_per_s_steady"] = steady_rate(client, batch_id)
     run["interactive_jobs_during_backlog"] = submitted
     run["interactive_failed"] = len(trickle.failed)
     run["interactive_p50_ms"] = percentile(trickle.latencies_ms, 0.5)
@@ -179,11 +193,30 @@ def measure(stack: Stack, client: redis.Redis, workers: int, args: argparse.Name
     run["redis_commands_per_item"] = round((total(commands) - housekeeping_per_s * seconds - trickle_commands) / args.backlog, 1)
     run["backlog_commands"] = split(commands, idle_commands, idle_s, seconds, args.backlog + submitted)
     run["redis_cpu_ms_per_job"] = round(redis_cpu_s * 1000 / (args.backlog + submitted), 3)
+    # Both directions, housekeeping included: what the Redis host's network carries per job at this load.
+    run["redis_net_bytes_per_job"] = round((after.net_bytes - before.net_bytes) / (args.backlog + submitted))
+    run["redis_net_mb_per_s"] = round((after.net_bytes - before.net_bytes) / seconds / 1e6, 3)
     run["redis_cpu_share"] = round(redis_cpu_s / seconds, 3)
     run["redis_used_memory_mb_queued"] = round(memory_queued / 1e6, 1)
     run["redis_bytes_per_queued_item"] = round((memory_queued - before.used_memory) / args.backlog)
+    # Finished jobs stay for RAGQ_RESULT_TTL_S: what each costs until then (answers and timings included).
+    run["redis_bytes_per_finished_job"] = round((after.used_memory - before.used_memory) / (args.backlog + submitted))
     run["cpu_ms_per_job"] = {n: round((cpu_after[n] - cpu_before[n]) * 1000 / (args.backlog + submitted), 2) for n in cpu_before}
     return run
+
+
+def steady_rate(client: redis.Redis, batch_id: str) -> float | None:
+    """Items/s between the 10th and the 90th percentile of the items' finishing times: the drain without its
+    start (workers filling their first microbatches) and its end (the last microbatches, some workers idle)."""
+    job_ids = client.lrange(redis_keys.batch_jobs(batch_id), 0, -1)
+    pipe = client.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(redis_keys.job(job_id), "finished_at")
+    finished = sorted(float(t) for t in pipe.execute() if t)
+    if len(finished) < 10:
+        return None
+    first, last = int(0.1 * len(finished)), int(0.9 * len(finished))
+    return round((last - first) / max(finished[last] - finished[first], 1e-9), 2)
 
 
 def split(commands: dict[str, int], idle: dict[str, int], idle_s: float, seconds: float, jobs: int) -> dict[str, float]:
@@ -210,6 +243,8 @@ def table(runs: list[dict[str, Any]]) -> None:
         ("workers", ">7", lambda r: r["workers"]),
         ("items/s", ">8", lambda r: r["items_per_s"]),
         ("ratio", ">6", lambda r: r.get("ratio_to_n_x_one")),
+        ("steady/s", ">8", lambda r: r.get("items_per_s_steady")),
+        ("ratio", ">6", lambda r: r.get("steady_ratio_to_n_x_one")),
         ("p50 ms", ">7", lambda r: r["interactive_p50_ms"]),
         ("p95 ms", ">7", lambda r: r["interactive_p95_ms"]),
         ("cmd/item", ">8", lambda r: r["redis_commands_per_item"]),
@@ -275,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
             one = runs[0]["items_per_s"] if runs and runs[0]["workers"] == 1 else (run["items_per_s"] if n == 1 else None)
             run["speedup"] = round(run["items_per_s"] / one, 2) if one else None
             run["ratio_to_n_x_one"] = round(run["items_per_s"] / (n * one), 3) if one else None
+            steady_one = runs[0]["items_per_s_steady"] if runs and runs[0]["workers"] == 1 else (run["items_per_s_steady"] if n == 1 else None)
+            if steady_one and run["items_per_s_steady"]:
+                run["steady_ratio_to_n_x_one"] = round(run["items_per_s_steady"] / (n * steady_one), 3)
             runs.append(run)
             print_run(run)
     finally:

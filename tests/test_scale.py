@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +146,31 @@ def test_multihost_refuses_to_start_without_redis_host_password_or_ca() -> None:
     for missing in MULTIHOST_ENV:
         result = multihost_config(**{k: v for k, v in MULTIHOST_ENV.items() if k != missing})
         assert result.returncode != 0 and missing in result.stderr
+
+
+@pytest.mark.slow
+def test_scale_benchmark_writes_one_run_per_worker_count(shared_data: Path, tmp_path: Path) -> None:
+    from cli.processes import child_env
+
+    out = tmp_path / "scale.json"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "bench.scale", "--workers", "1,2", "--backlog", "16", "--idle-s", "1",
+            "--interactive-jobs", "2", "--trickle-per-worker-s", "1", "--step-ms", "20", "--new-tokens", "4", "--data", str(shared_data), "--json", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=child_env(HF_HUB_OFFLINE="1"),
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["workers"] for r in runs] == [1, 2]
+    for run in runs:
+        assert run["backlog_succeeded"] == 16 and run["interactive_failed"] == 0
+        for key in ("items_per_s", "redis_commands_per_item", "redis_commands_per_interactive_job", "interactive_p95_ms"):
+            assert run[key] > 0, key
+        assert run["backlog_commands"] and run["housekeeping_commands"]
+    assert runs[0]["ratio_to_n_x_one"] == 1.0 and runs[1]["ratio_to_n_x_one"] > 0
+    assert "cmd/item" in result.stdout
