@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import threading
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         RAGQ_API_THREADS="64",
     )
     runs: list[dict[str, Any]] = []
+    # A `timeout` or Ctrl-C still stops the stack's processes (the `finally` below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         stack.start_api()
         client = stack.client()
