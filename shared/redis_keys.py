@@ -105,6 +105,16 @@ def workers_with_jobs() -> str:
     return f"{PREFIX}:workers:with-jobs"
 
 
+def reaper_turn() -> str:
+    """String held for one reaper period by the worker whose turn it is to look for dead workers (SET NX PX)."""
+    return f"{PREFIX}:reaper:turn"
+
+
+def overdue_turn() -> str:
+    """String held for one overdue period by the worker whose turn it is to look for overdue jobs (SET NX PX)."""
+    return f"{PREFIX}:reaper:overdue-turn"
+
+
 def sent(model_name: str) -> str:
     """Sorted set of `model_name`'s jobs whose message was sent and not yet taken, scored by the Redis time of
     the last send: where the message audit looks for messages that never reached a worker."""

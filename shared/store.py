@@ -75,31 +75,40 @@ local function finish_batch(batch_id)
   redis.call('PUBLISH', key('events', batch_id), redis.call('HGET', bkey, 'status'))
 end
 
+local TRACKED = {worker = true, model = true, tenant = true, batch_id = true}
+
 local function transition(job_key, target, allowed, fields)
-  local current = redis.call('HGET', job_key, 'status')
+  -- One read of every field the transition looks at, one write of the status with the fields: a transition
+  -- is the bulk of the Redis commands of a job (see docs/capacity.md).
+  local before = redis.call('HMGET', job_key, 'status', 'worker', 'id', 'model', 'tenant', 'batch_id')
+  local current = before[1]
   if not current then return {0, ''} end
   if not allowed[current] then return {0, current} end
+  local previous_worker = cjson.decode(before[2] or 'null')
   if current == 'running' and target == 'running' then
     -- A second message for a running job (a redelivery, a re-send) may take it over only from a worker
     -- that is gone; a live worker keeps it and the duplicate is skipped.
-    local holder = cjson.decode(redis.call('HGET', job_key, 'worker') or 'null')
-    if holder ~= cjson.null and redis.call('EXISTS', key('worker_alive', holder)) == 1 then return {0, current} end
+    if previous_worker ~= cjson.null and redis.call('EXISTS', key('worker_alive', previous_worker)) == 1 then return {0, current} end
   end
-  redis.call('HSET', job_key, 'status', target)
-  local raw_id = redis.call('HGET', job_key, 'id')
-  local id = raw_id and cjson.decode(raw_id) or job_key
+  local id = before[3] and cjson.decode(before[3]) or job_key
   -- Track which worker runs the job, so the jobs of a worker that died can be found and run again.
-  local previous_worker = cjson.decode(redis.call('HGET', job_key, 'worker') or 'null')
   if current == 'running' and previous_worker ~= cjson.null then
     redis.call('SREM', key('worker_jobs', previous_worker), id)
   end
-  for i = 1, #fields, 2 do redis.call('HSET', job_key, fields[i], fields[i + 1]) end
+  -- The fields read below, as this transition leaves them.
+  local after = {worker = before[2], model = before[4], tenant = before[5], batch_id = before[6]}
+  local writes = {'status', target}
+  for i = 1, #fields, 2 do
+    table.insert(writes, fields[i])
+    table.insert(writes, fields[i + 1])
+    if TRACKED[fields[i]] then after[fields[i]] = fields[i + 1] end
+  end
+  redis.call('HSET', job_key, unpack(writes))
   -- Its message has been taken (or no longer matters): the message audit stops watching it.
-  local model = redis.call('HGET', job_key, 'model')
-  if model then redis.call('ZREM', key('sent', cjson.decode(model)), id) end
+  if after.model then redis.call('ZREM', key('sent', cjson.decode(after.model)), id) end
   if target == 'running' then
     redis.call('HINCRBY', job_key, 'attempts', 1)
-    local worker = cjson.decode(redis.call('HGET', job_key, 'worker') or 'null')
+    local worker = cjson.decode(after.worker or 'null')
     if worker ~= cjson.null then
       redis.call('SADD', key('worker_jobs', worker), id)
       redis.call('SADD', T['with_jobs'], worker)
@@ -108,14 +117,13 @@ local function transition(job_key, target, allowed, fields)
   if FINAL[target] then redis.call('EXPIRE', job_key, RESULT_TTL) end
   if FINAL[target] and not FINAL[current] then
     -- The job no longer counts against its tenant's quota of outstanding jobs.
-    local raw_tenant = redis.call('HGET', job_key, 'tenant')
-    local tenant = raw_tenant and cjson.decode(raw_tenant) or T['local_tenant']
+    local tenant = after.tenant and cjson.decode(after.tenant) or T['local_tenant']
     if redis.call('DECR', key('outstanding', tenant)) <= 0 then redis.call('DEL', key('outstanding', tenant)) end
   end
   -- Usage per tenant (shared/usage.py) moves with the result that records it: counted once, never lost.
   if target == 'succeeded' and current ~= target then record_usage(job_key) end
   redis.call('PUBLISH', job_key .. ':events', target)
-  local batch = redis.call('HGET', job_key, 'batch_id')
+  local batch = after.batch_id
   if batch and current ~= target then
     batch = cjson.decode(batch)
     if batch ~= cjson.null then

@@ -11,6 +11,11 @@ Guarantees:
   `OVERDUE_MARGIN_S` past the task time limit under a live worker has lost its task: it is given up and sent
   again. A re-sent job still gets one result: the job state machine refuses a claim while a live worker holds
   the job, and lets only one final transition through.
+- Cost: housekeeping load on Redis per worker stays constant as workers are added. Every reaper asks for the
+  turn each period (one `SET NX`); only the one that gets it looks for dead workers (one script over the
+  worker names), and only the one that gets the longer overdue turn (every `OVERDUE_EVERY_S`) reads the job
+  sets, in two pipelined round trips. Before, every worker read every job of every worker every second: a
+  load growing with the square of the number of workers.
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ HEARTBEAT_EVERY_S = 2.0
 # a dead worker's jobs then wait at most about `HEARTBEAT_TTL_S` + this.
 REAP_EVERY_S = 1.0
 OVERDUE_MARGIN_S = 30
+# The overdue backstop looks for jobs `OVERDUE_MARGIN_S` past a time limit of minutes: a look every 10 s is
+# as good as one every second, at a tenth of the reads.
+OVERDUE_EVERY_S = 10.0
+
+# The names in the set of workers with jobs whose heartbeat is gone, in one round trip. KEYS[1] that set;
+# ARGV[1] the heartbeat key with `{id}` for the name; ARGV[2] the asking worker's name (never dead to itself).
+_DEAD_WORKERS_LUA = """
+local dead = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if name ~= ARGV[2] and redis.call('EXISTS', (string.gsub(ARGV[1], '{id}', name))) == 0 then
+    table.insert(dead, name)
+  end
+end
+return dead
+"""
 
 # Takes over the job set of a worker whose heartbeat has expired. KEYS: alive key, job set, index;
 # ARGV[1] worker name. Returns the job ids, or nothing while the worker is alive or another reaper was first.
@@ -102,12 +122,22 @@ class Reaper:
         self.every_s = every_s
         self._claim_dead_worker = self.redis.register_script(_CLAIM_DEAD_WORKER_LUA)
         self._disown = self.redis.register_script(_DISOWN_LUA)
+        self._dead_workers = self.redis.register_script(_DEAD_WORKERS_LUA)
 
     def step(self) -> bool:
-        """Reap dead workers, then re-queue overdue jobs; never asks to run again at once."""
-        self.reap_dead_workers()
-        self.requeue_overdue()
+        """If this worker has the period's turn: reap dead workers, and re-queue overdue jobs if it also has the
+        overdue turn. Never asks to run again at once."""
+        if self._take_turn(redis_keys.reaper_turn(), self.every_s):
+            self.reap_dead_workers()
+            if self._take_turn(redis_keys.overdue_turn(), OVERDUE_EVERY_S):
+                self.requeue_overdue()
         return False
+
+    def _take_turn(self, key: str, period_s: float) -> bool:
+        """Whether this worker is the one to act in the current period: the first to ask after the last turn
+        expired. A turn holder that dies only skips its period; the next one is taken by another."""
+        # A little under the period, so that the holder's own next ask (one period later) finds the key gone.
+        return bool(self.redis.set(key, self.worker_name, nx=True, px=max(1, int(period_s * 900))))
 
     def reap_dead_workers(self) -> list[str]:
         """Run again the jobs of worker processes that died (no heartbeat): the ones they were running and the
@@ -117,9 +147,8 @@ class Reaper:
         default); a job whose result is already stored by then is skipped.
         """
         requeued = []
-        for name in self.redis.smembers(redis_keys.workers_with_jobs()):
-            if name == self.worker_name:
-                continue
+        dead = self._dead_workers(keys=[redis_keys.workers_with_jobs()], args=[redis_keys.worker_alive("{id}"), self.worker_name])
+        for name in dead:
             job_ids = self._claim_dead_worker(
                 keys=[redis_keys.worker_alive(name), redis_keys.worker_jobs(name), redis_keys.workers_with_jobs()],
                 args=[name],
@@ -160,21 +189,34 @@ class Reaper:
         no known path loses one since Celery no longer cancels tasks on a broker reconnect).
         """
         cutoff = time.time() - self.task_time_limit_s - OVERDUE_MARGIN_S
+        names = sorted(self.redis.smembers(redis_keys.workers_with_jobs()))
+        # Two pipelined round trips whatever the number of workers and jobs: the job sets, then each job's
+        # status, holder and start.
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.smembers(redis_keys.worker_jobs(name))
+        held = [(name, job_id) for name, job_ids in zip(names, pipe.execute(), strict=True) for job_id in job_ids]
+        pipe = self.redis.pipeline(transaction=False)
+        for _, job_id in held:
+            pipe.hmget(redis_keys.job(job_id), "status", "worker", "started_at")
         requeued = []
-        for name in self.redis.smembers(redis_keys.workers_with_jobs()):
-            for job_id in self.redis.smembers(redis_keys.worker_jobs(name)):
-                try:
-                    job = self.store.get(job_id)
-                except NotFound:
-                    self.redis.srem(redis_keys.worker_jobs(name), job_id)
-                    continue
-                if job.status is JobStatus.RUNNING and job.worker == name and (job.started_at or 0) < cutoff:
-                    self.redis.srem(redis_keys.worker_jobs(name), job_id)
-                    # The live worker's claim stands in the way of the next one: give it up first.
-                    if not self._disown(keys=[redis_keys.job(job_id)], args=[json.dumps(name)]):
-                        continue
-                    send_again(self.celery, self.redis, job)
-                    requeued.append(job_id)
+        for (name, job_id), (status, worker, started_at) in zip(held, pipe.execute(), strict=True):
+            if status is None:
+                self.redis.srem(redis_keys.worker_jobs(name), job_id)
+                continue
+            overdue = status == JobStatus.RUNNING.value and float(json.loads(started_at or "0") or 0) < cutoff
+            if not (overdue and json.loads(worker or "null") == name):
+                continue
+            self.redis.srem(redis_keys.worker_jobs(name), job_id)
+            # The live worker's claim stands in the way of the next one: give it up first.
+            if not self._disown(keys=[redis_keys.job(job_id)], args=[json.dumps(name)]):
+                continue
+            try:
+                job = self.store.get(job_id)
+            except NotFound:
+                continue
+            send_again(self.celery, self.redis, job)
+            requeued.append(job_id)
         if requeued:
             log.warning("re-queued %d jobs running past the time limit without a task", len(requeued))
         return requeued
