@@ -22,7 +22,7 @@ from shared.netguard import non_public_reason
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
-JSON_QUERY_OPTIONS = ("metadata", "params")
+JSON_QUERY_OPTIONS = ("metadata", "params", "evaluate")
 MAX_PAGE = 100
 
 
@@ -129,6 +129,7 @@ def _new_batch(batch_options: Any, batch_id: str, tenant: str) -> Batch:
         callback_url=options.callback_url,
         tenant=tenant,
         batch_id=batch_id,
+        evaluate=options.evaluate,
     )
 
 

@@ -19,6 +19,7 @@ import redis
 from shared import redis_keys
 from shared.batches import Batch, BatchStatus
 from shared.errors import Conflict, NotFound, TooManyRequests, Unavailable
+from shared.evaluation import summarise
 from shared.jobs import Job, JobStatus, omitted_defaults
 from shared.lua import with_now
 from shared.store import JobStore
@@ -50,7 +51,7 @@ return {tostring(now), taken}
 
 
 # The fields of a compact item row after its job id (see `shared.batches.batch_items`).
-ITEM_FIELDS = ("question", "course", "top_k", "params", "custom_id")
+ITEM_FIELDS = ("question", "course", "top_k", "params", "custom_id", "retrieval", "expected_document", "reference_answer")
 _ITEM_FIELDS_JSON = json.dumps(ITEM_FIELDS)
 _DEFAULTS_JSON = json.dumps(omitted_defaults(ITEM_FIELDS))
 
@@ -316,7 +317,27 @@ class BatchStore:
 
     def public(self, batch_id: str, tenant: str | None = None) -> dict[str, Any]:
         batch, counts = self.get(batch_id, tenant)
+        if batch.evaluate and batch.evaluation is None and batch.status.has_ended:
+            batch.evaluation = self.evaluation(batch.id)
         return batch.to_public(counts)
+
+    def evaluation(self, batch_id: str) -> dict[str, Any]:
+        """An evaluated batch's figures: its items' scores summed up once it has ended, then kept in its record
+        (one pipelined read per 2,000 items, once per batch; the item that ends a batch wrote its scores in the
+        same script, so all are there)."""
+
+        def scores() -> Iterator[dict[str, Any] | None]:
+            for ids in self.job_ids(batch_id):
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.hmget(redis_keys.job(job_id), "status", "evaluation")
+                for status, raw in pipe.execute():
+                    if status == JobStatus.SUCCEEDED.value and raw:
+                        yield json.loads(raw)
+
+        figures = summarise(scores())
+        self.redis.hset(redis_keys.batch(batch_id), "evaluation", json.dumps(figures))
+        return figures
 
     def list(self, tenant: str, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
         """The tenant's batches newest first, `limit` of them, starting after the batch `after`."""

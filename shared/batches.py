@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Literal
 
 import pydantic
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from shared.api_keys import LOCAL_TENANT
 from shared.errors import PayloadTooLarge, ValidationFailed
@@ -76,6 +76,9 @@ class Batch:
     cancelled_at: float | None = None
     expired_at: float | None = None
     tenant: str = LOCAL_TENANT
+    # Evaluation (docs/design.md "Retrieval modes"): on for the batch, and its figures once it has ended.
+    evaluate: bool = False
+    evaluation: dict[str, Any] | None = None
 
     @classmethod
     def new(
@@ -87,6 +90,7 @@ class Batch:
         callback_url: str | None,
         tenant: str = LOCAL_TENANT,
         batch_id: str | None = None,
+        evaluate: bool = False,
     ) -> Batch:
         now = time.time()
         return cls(
@@ -101,6 +105,7 @@ class Batch:
             metadata=metadata,
             callback_url=callback_url,
             tenant=tenant,
+            evaluate=evaluate,
         )
 
     def to_redis(self) -> dict[str, str]:
@@ -124,6 +129,16 @@ class Batch:
         data["status"] = self.status.value
         data["request_counts"] = {"total": total, **{name: counts.get(name, 0) for name in COUNT_NAMES}}
         return BatchView.model_validate({"object": "batch", **data}).model_dump(mode="json")
+
+
+class EvaluationView(BaseModel):
+    """An evaluated batch's figures over its succeeded items (see `shared.evaluation`)."""
+
+    retrieval_n: int = Field(description="Succeeded items with an `expected_document`.")
+    hit_rate: float | None
+    mrr: float | None
+    answer_n: int = Field(description="Succeeded items with a `reference_answer` whose answer was scored.")
+    answer_similarity: float | None = Field(description="Mean cosine similarity of the answers to their references.")
 
 
 class RequestCountsView(BaseModel):
@@ -155,6 +170,8 @@ class BatchView(BaseModel):
     metadata: dict[str, str] | None
     callback_url: str | None
     request_counts: RequestCountsView
+    evaluate: bool = Field(False, description="Whether the batch was created with `evaluate`.")
+    evaluation: EvaluationView | None = Field(None, description="An evaluated batch's figures, once it has ended.")
 
 
 class BatchListView(BaseModel):
@@ -244,7 +261,8 @@ def open_submission(stream: IO[bytes], content_type: str, query_options: dict[st
 
 def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> Iterator[list[Any]]:
     """Validate the submission's lines as they are read, yielding one compact item row per line for
-    `BatchStore.stage`: [job id, question, course, top_k, params, custom_id].
+    `BatchStore.stage`: [job id, question, course, top_k, params, custom_id, retrieval, expected_document,
+    reference_answer].
 
     Job ids are made here; the batch's default params are merged under each line's own. Rows stop at the first
     bad line (every line is still checked); at the end, `ValidationFailed` names the bad lines, or
@@ -255,6 +273,8 @@ def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> 
     first_seen: dict[str, int] = {}
     line_model = models.batch_line
     default_params = submission.default_params
+    retrieval: str = getattr(submission.options, "retrieval", "text")
+    evaluate: bool = getattr(submission.options, "evaluate", False)
     count = 0
     for number, raw in submission.raw_lines:
         count += 1
@@ -267,6 +287,8 @@ def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> 
             continue
         custom_id: str = line.custom_id
         problem = _merged_params_problem(default_params, line)
+        if not evaluate and (line.expected_document is not None or line.reference_answer is not None):
+            problem = "expected_document and reference_answer need the batch option `evaluate: true`"
         if problem:
             errors.add(number, problem)
             continue
@@ -278,7 +300,10 @@ def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> 
             continue
         # Read the validated fields directly: model_dump per line is a large share of accepting 100,000.
         params = line.params.model_dump(exclude_none=True) if line.params.model_fields_set else {}
-        yield [str(uuid.uuid4()), line.question, line.course, line.top_k, {**default_params, **params}, custom_id]
+        yield [
+            str(uuid.uuid4()), line.question, line.course, line.top_k, {**default_params, **params}, custom_id,
+            line.retrieval or retrieval, line.expected_document, line.reference_answer,
+        ]
     errors.raise_if_any()
     if not count:
         raise ValidationFailed("the batch has no lines")

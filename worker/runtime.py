@@ -39,6 +39,7 @@ from worker.pipeline import (
     requests_of,
 )
 from worker.prompt import DEFAULT_TEMPLATE, PromptFitter, check_template
+from worker.embeddings import vector_index
 from worker.retrieval import Retriever
 from worker.tiny import ensure_tiny_model
 
@@ -168,6 +169,8 @@ class Resident:
     handoff: InteractiveHandoff
     duties: Duties
     ledger: Ledger = field(default_factory=lambda: Ledger(None))
+    # The corpus's indexes, for scoring the items of evaluated batches (`worker.tasks`).
+    retriever: Retriever | None = None
 
     @property
     def model_name(self) -> str:
@@ -238,7 +241,11 @@ def load(settings: Settings, worker_name: str) -> Resident:
     spec = settings.worker_spec
     template = check_template(settings.read_prompt_template() or DEFAULT_TEMPLATE)
     documents = load_documents(settings.documents, settings.data_dir)
-    retriever = Retriever(documents)
+    retriever = Retriever(documents, vector_index(settings.embedding_model, documents, settings.data_dir))
+    if settings.retrieval != "text" and retriever.vectors is not None:
+        # Jobs that name no mode need the embedding model: load it (and embed or read the corpus) now, not in
+        # the first job's microbatch. A failure is kept for those jobs (`retrieval_unavailable`), not raised.
+        retriever.vectors.load_now()
     caps = microbatch_settings(settings)
     if settings.engine == "thread":
         generator, source = load_model(spec, settings), spec.source
@@ -261,6 +268,7 @@ def load(settings: Settings, worker_name: str) -> Resident:
         handoff=handoff,
         duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size),
         ledger=Ledger(settings.execution_ledger),
+        retriever=retriever,
     )
     # `ragq serve` and the tests wait for this before sending work.
     announce_worker(store.redis, worker_name, spec.name)

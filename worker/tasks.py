@@ -18,6 +18,8 @@ from shared.store import Transition
 from worker import pipeline
 from worker.microbatcher import BACKLOG, INTERACTIVE, MicrobatchInfo, Skipped
 from worker.engine_process import EngineCrash
+from worker.embeddings import RetrievalUnavailable
+from worker.evaluation import Reference
 from worker.generation import GenerationError
 from worker.runtime import Resident
 
@@ -51,16 +53,16 @@ def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -
             if job.model != resident.model_name:
                 message = f"job is for model {job.model!r}, worker serves {resident.model_name!r}"
                 return _fail(resident, job_id, started_at, "wrong_model", message)
-            question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
+            question = pipeline.Question(job.question, job.course, job.top_k, job.params, job.retrieval)
             future = resident.microbatcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
-        return _await_and_store(resident, job_id, job.created_at, started_at, future)
+        return _await_and_store(resident, job_id, job.created_at, started_at, future, Reference.of(job))
     finally:
         # Only now is this task's thread about to be free for the next message.
         resident.handoff.task_returned(job_id)
 
 
 def _await_and_store(
-    resident: Resident, job_id: str, created_at: float, started_at: float, future: Future[Any]
+    resident: Resident, job_id: str, created_at: float, started_at: float, future: Future[Any], reference: Reference | None = None
 ) -> JobStatus | None:
     limit_s = resident.settings.task_time_limit_s
     try:
@@ -73,6 +75,8 @@ def _await_and_store(
         return _fail(resident, job_id, started_at, "engine_crash", str(exc))
     except GenerationError as exc:
         return _fail(resident, job_id, started_at, "generation_error", str(exc))
+    except RetrievalUnavailable as exc:
+        return _fail(resident, job_id, started_at, exc.type, exc.message)
     except Exception as exc:  # one job's failure must never take the worker down
         # The exception's text (a library's, CUDA's, with addresses and paths) is for the operator's log only.
         log.error("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
@@ -81,11 +85,18 @@ def _await_and_store(
         log.info("job %s was cancelled while it waited for its microbatch", job_id)
         return None
     result, microbatch = outcome
-    return _succeed(resident, job_id, created_at, started_at, result, microbatch)
+    evaluation = reference.score(resident, result) if reference is not None else None
+    return _succeed(resident, job_id, created_at, started_at, result, microbatch, evaluation)
 
 
 def _succeed(
-    resident: Resident, job_id: str, created_at: float, started_at: float, result: pipeline.Answer, microbatch: MicrobatchInfo
+    resident: Resident,
+    job_id: str,
+    created_at: float,
+    started_at: float,
+    result: pipeline.Answer,
+    microbatch: MicrobatchInfo,
+    evaluation: dict[str, Any] | None = None,
 ) -> JobStatus | None:
     finished_at = time.time()
     timings = _timings(created_at, started_at, finished_at)
@@ -104,6 +115,7 @@ def _succeed(
         served_by=resident.served_by,
         timings=timings,
         usage={"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        **({"evaluation": evaluation} if evaluation is not None else {}),
     ))
     if not outcome.applied:
         log.info("result of job %s discarded: status became %s meanwhile", job_id, outcome.previous)
