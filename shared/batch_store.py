@@ -72,7 +72,8 @@ for _, item in ipairs(cjson.decode(ARGV[3])) do
   local fields = {'status', 'queued', 'id', cjson.encode(id), 'model', common.model, 'created_at', common.created_at,
     'batch_id', common.batch_id, 'tenant', common.tenant}
   for i, name in ipairs(names) do
-    local encoded = cjson.encode(item[i + 1])
+    -- A row shorter than the names (written before the later fields existed) leaves them at their defaults.
+    local encoded = item[i + 1] == nil and defaults[name] or cjson.encode(item[i + 1])
     if encoded ~= defaults[name] then
       table.insert(fields, name)
       table.insert(fields, encoded)
