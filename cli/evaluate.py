@@ -55,7 +55,11 @@ def parse_modes(raw: Sequence[str] | None) -> list[str | None]:
 
 
 def build_eval_batch(
-    rows: Sequence[Mapping[str, str]], top_k: int | None = None, retrieval: str | None = None, evaluate: bool = False
+    rows: Sequence[Mapping[str, str]],
+    top_k: int | None = None,
+    retrieval: str | None = None,
+    evaluate: bool = False,
+    max_new_tokens: int | None = None,
 ) -> bytes:
     """The batch for evaluation rows as a JSON document; custom_id is the row number, starting at 1. With
     `evaluate`, each line carries its expected document and reference answer, and the worker scores it."""
@@ -74,6 +78,8 @@ def build_eval_batch(
         document["retrieval"] = retrieval
     if evaluate:
         document["evaluate"] = True
+    if max_new_tokens is not None:
+        document["params"] = {"max_new_tokens": max_new_tokens}
     return json.dumps(document).encode("utf-8")
 
 
@@ -128,7 +134,7 @@ def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
 def run_mode(client: ApiClient, rows: Sequence[Mapping[str, str]], args: argparse.Namespace, mode: str | None) -> tuple[dict[str, Any], bool] | None:
     """One batch for `mode`: its figures and whether it completed; None when the user stopped waiting."""
     with_answers = any(row.get(ANSWER_COLUMN) for row in rows)
-    data = build_eval_batch(rows, args.top_k, mode, evaluate=with_answers)
+    data = build_eval_batch(rows, args.top_k, mode, evaluate=with_answers, max_new_tokens=args.max_new_tokens)
     options = {"model": args.model} if args.model else {}
     batch, replayed = submit_batch(client, data, CONTENT_TYPES[".json"], options)
     label = f" ({mode})" if mode else ""
@@ -189,6 +195,9 @@ def add_eval_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     evaluate.add_argument("file")
     evaluate.add_argument("--model")
     evaluate.add_argument("--top-k", type=int)
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, help="cap the answers' length (retrieval figures do not depend on it; answer similarity does)"
+    )
     evaluate.add_argument(
         "--retrieval",
         action="append",

@@ -107,8 +107,11 @@ def test_eval_compares_modes_and_scores_answers(api_url: tuple[str, dict[str, st
     url, env = api_url
     documents = load_documents(None, tmp_path)[:4]
     path = write_csv(tmp_path / "eval.csv", documents, answers=True)
-    result = ragq("eval", str(path), "--model", MODEL, "--retrieval", "text,vector,hybrid", "--json", "--url", url, env=env)
-    assert result.returncode == 0, result.stderr
+    short = ("--model", MODEL, "--max-new-tokens", "4", "--url", url)
+    result = ragq("eval", str(path), "--retrieval", "text,vector,hybrid", "--json", *short, env=env)
+    if result.returncode != 0:
+        failed = requests.get(f"{url}/v1/batches/{json.loads(result.stdout)['runs'][0]['batch_id']}/results", timeout=10)
+        raise AssertionError(f"{result.stderr[-2000:]}\n{failed.text[:2000]}")
     runs = json.loads(result.stdout)["runs"]
     assert [run["retrieval"] for run in runs] == ["text", "vector", "hybrid"]
     assert len({run["batch_id"] for run in runs}) == 3
@@ -118,7 +121,7 @@ def test_eval_compares_modes_and_scores_answers(api_url: tuple[str, dict[str, st
         assert run["answer_n"] == 4 and -1.0 <= run["answer_similarity"] <= 1.0
     # The questions are the FAQ's own: text search finds each one's entry first.
     assert runs[0]["hit_rate"] == 1.0 and runs[0]["mrr"] == 1.0
-    table = ragq("eval", str(path), "--model", MODEL, "--retrieval", "text", "--retrieval", "hybrid", "--url", url, env=env)
+    table = ragq("eval", str(path), "--retrieval", "text", "--retrieval", "hybrid", *short, env=env)
     assert table.returncode == 0, table.stderr
     header, *rows = table.stdout.strip().splitlines()
     assert header.split()[0] == "retrieval" and "answer_similarity" in header
