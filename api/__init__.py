@@ -47,7 +47,7 @@ def create_app(config: Settings | None = None) -> Flask:
 # Query parameters each /v1 endpoint takes: anything else is refused, as unknown body fields are.
 QUERY_PARAMETERS: dict[str, frozenset[str]] = {
     "jobs.read": frozenset({"wait"}),
-    "batches.create": frozenset({"model", "completion_window", "metadata", "params", "callback_url"}),
+    "batches.create": frozenset({"model", "completion_window", "metadata", "params", "callback_url", "retrieval", "evaluate"}),
     "batches.listing": frozenset({"limit", "after"}),
     "batches.results": frozenset({"status", "merged"}),
     "batches.retry": frozenset({"error_type"}),

@@ -33,7 +33,7 @@ from shared.openai_shapes import Rejected
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 
-JSON_QUERY_OPTIONS = ("metadata", "params")
+JSON_QUERY_OPTIONS = ("metadata", "params", "evaluate")
 MAX_PAGE = 100
 
 
@@ -176,6 +176,7 @@ def _new_batch(batch_options: Any, batch_id: str, tenant: str) -> Batch:
         callback_url=options.callback_url,
         tenant=tenant,
         batch_id=batch_id,
+        evaluate=options.evaluate,
     )
 
 

@@ -274,12 +274,12 @@ def build_document() -> dict[str, Any]:
                     "summary": "Submit a batch: JSONL or CSV body with options as query parameters, or JSON",
                     "parameters": [
                         {"name": name, "in": "query", "required": False, "schema": options["properties"][name]}
-                        for name in ("model", "completion_window", "callback_url")
+                        for name in ("model", "completion_window", "callback_url", "retrieval")
                     ]
                     # Objects in a query string: JSON text.
                     + [
                         {"name": name, "in": "query", "required": False, "content": {"application/json": {"schema": options["properties"][name]}}}
-                        for name in ("metadata", "params")
+                        for name in ("metadata", "params", "evaluate")
                     ]
                     + [{"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 255}}],
                     "requestBody": {

@@ -84,6 +84,10 @@ class Batch:
     retry_of: str | None = None
     retried_by: list[str] | None = None
 
+    # Evaluation (docs/design.md "Retrieval modes"): on for the batch, and its figures once it has ended.
+    evaluate: bool = False
+    evaluation: dict[str, Any] | None = None
+
     @classmethod
     def new(
         cls,
@@ -94,6 +98,7 @@ class Batch:
         callback_url: str | None,
         tenant: str = LOCAL_TENANT,
         batch_id: str | None = None,
+        evaluate: bool = False,
     ) -> Batch:
         now = time.time()
         return cls(
@@ -108,6 +113,7 @@ class Batch:
             metadata=metadata,
             callback_url=callback_url,
             tenant=tenant,
+            evaluate=evaluate,
         )
 
     def to_redis(self) -> dict[str, str]:
@@ -135,7 +141,6 @@ class Batch:
         data["status"] = self.status.value
         data["request_counts"] = {"total": total, **{name: counts.get(name, 0) for name in COUNT_NAMES}}
         return BatchView.model_validate({"object": "batch", **data}).model_dump(mode="json")
-
 
     def _to_openai(self, counts: dict[str, int]) -> dict[str, Any]:
         """OpenAI's batch object, with ragq's own fields and counts added (nothing of either is lost)."""
@@ -172,6 +177,16 @@ class Batch:
         return OpenAIBatchView.model_validate(data).model_dump(mode="json")
 
 
+class EvaluationView(BaseModel):
+    """An evaluated batch's figures over its succeeded items (see `shared.evaluation`)."""
+
+    retrieval_n: int = Field(description="Succeeded items with an `expected_document`.")
+    hit_rate: float | None
+    mrr: float | None
+    answer_n: int = Field(description="Succeeded items with a `reference_answer` whose answer was scored.")
+    answer_similarity: float | None = Field(description="Mean cosine similarity of the answers to their references.")
+
+
 class RequestCountsView(BaseModel):
     """How many items are in each state; they always add up to `total`."""
 
@@ -203,6 +218,8 @@ class BatchView(BaseModel):
     request_counts: RequestCountsView
     retry_of: str | None = Field(None, description="The batch this one retries (`POST /v1/batches/<id>/retry`).")
     retried_by: list[str] = Field(default_factory=list, description="Batches retrying this one's failed or expired items.")
+    evaluate: bool = Field(False, description="Whether the batch was created with `evaluate`.")
+    evaluation: EvaluationView | None = Field(None, description="An evaluated batch's figures, once it has ended.")
 
 
 class OpenAIRequestCountsView(RequestCountsView):
@@ -235,6 +252,8 @@ class OpenAIBatchView(BaseModel):
     model: str
     retry_of: str | None
     retried_by: list[str]
+    evaluate: bool = Field(False, description="Whether the batch was created with `evaluate`.")
+    evaluation: EvaluationView | None = Field(None, description="An evaluated batch's figures, once it has ended.")
 
 
 class BatchListView(BaseModel):
@@ -342,7 +361,8 @@ def _stream_submission(
 
 def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> Iterator[list[Any]]:
     """Validate the submission's lines as they are read, yielding one compact item row per line for
-    `BatchStore.stage`: [job id, question, course, top_k, params, custom_id].
+    `BatchStore.stage`: [job id, question, course, top_k, params, custom_id, retrieval, expected_document,
+    reference_answer].
 
     Job ids are made here; the batch's default params are merged under each line's own. Rows stop at the first
     bad line (every line is still checked); at the end, `ValidationFailed` names the bad lines, or
@@ -353,6 +373,8 @@ def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> 
     first_seen: dict[str, int] = {}
     line_model = models.batch_line
     default_params = submission.default_params
+    retrieval: str = getattr(submission.options, "retrieval", "text")
+    evaluate: bool = getattr(submission.options, "evaluate", False)
     count = 0
     for number, raw in submission.raw_lines:
         count += 1
@@ -365,6 +387,8 @@ def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> 
             continue
         custom_id: str = line.custom_id
         problem = _merged_params_problem(default_params, line)
+        if not evaluate and (line.expected_document is not None or line.reference_answer is not None):
+            problem = "expected_document and reference_answer need the batch option `evaluate: true`"
         if problem:
             errors.add(number, problem)
             continue
@@ -376,7 +400,10 @@ def item_rows(submission: Submission, models: RequestModels, max_lines: int) -> 
             continue
         # Read the validated fields directly: model_dump per line is a large share of accepting 100,000.
         params = line.params.model_dump(exclude_none=True) if line.params.model_fields_set else {}
-        yield [str(uuid.uuid4()), line.question, line.course, line.top_k, {**default_params, **params}, custom_id]
+        yield [
+            str(uuid.uuid4()), line.question, line.course, line.top_k, {**default_params, **params}, custom_id,
+            line.retrieval or retrieval, line.expected_document, line.reference_answer,
+        ]
     errors.raise_if_any()
     if not count:
         raise ValidationFailed("the batch has no lines")

@@ -29,6 +29,8 @@ MAX_NUM_BEAMS = 8
 MAX_WAIT_S = 60
 HARD_MAX_NEW_TOKENS = 4096
 HARD_MAX_QUESTION_CHARS = 20_000
+# Retrieval modes a job may ask for (`worker/retrieval.py`); `text` is the course's minsearch search.
+RETRIEVAL_MODES = ("text", "vector", "hybrid")
 
 
 def _setting(
@@ -249,6 +251,15 @@ class Settings:
     admin_tenants: str | None = _setting(
         "RAGQ_ADMIN_TENANTS", None, "Tenants (comma-separated) whose keys see every tenant's `/v1/usage` and, with RAGQ_METRICS_REQUIRE_KEY, `/metrics`."
     )
+    # Retrieval modes (docs/design.md "Retrieval modes").
+    retrieval: str = _setting(
+        "RAGQ_RETRIEVAL", "text", "Retrieval of a job that names none: `text` (minsearch), `vector` (embeddings) or `hybrid` (both fused). Workers load the embedding model at start unless `text`."
+    )
+    embedding_model: str = _setting(
+        "RAGQ_EMBEDDING_MODEL",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "sentence-transformers model for vector and hybrid retrieval (id or local directory); runs on the worker's CPU.",
+    )
 
     def __post_init__(self) -> None:
         if self.task_time_limit_s >= self.visibility_timeout_s:
@@ -381,6 +392,7 @@ _CHOICES = {
     "dtype": {"auto", "float32", "bfloat16", "float16"},
     "engine": {"process", "thread"},
     "continuous_batching": {"auto", "off"},
+    "retrieval": set(RETRIEVAL_MODES),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from shared.api_keys import LOCAL_TENANT
-from shared.config import MAX_NUM_BEAMS, MAX_TOP_K, Settings
+from shared.config import MAX_NUM_BEAMS, MAX_TOP_K, RETRIEVAL_MODES, Settings
 
 
 class JobStatus(enum.StrEnum):
@@ -78,6 +78,7 @@ MAX_METADATA_KEYS = 16
 MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 5.0
 MAX_SAMPLING_TOP_K = 1000
+MAX_REFERENCE_CHARS = 20_000
 
 
 def check_token_range(min_new_tokens: int | None, max_new_tokens: int | None) -> None:
@@ -87,7 +88,9 @@ def check_token_range(min_new_tokens: int | None, max_new_tokens: int | None) ->
 
 
 @functools.cache
-def request_models(question_chars_cap: int, new_tokens_cap: int, model_names: tuple[str, ...]) -> RequestModels:
+def request_models(
+    question_chars_cap: int, new_tokens_cap: int, model_names: tuple[str, ...], default_retrieval: str = "text"
+) -> RequestModels:
     """The request models with this deployment's bounds, so validation and the OpenAPI document agree."""
 
     class GenerationParams(GenerationParamsBase):
@@ -123,13 +126,24 @@ def request_models(question_chars_cap: int, new_tokens_cap: int, model_names: tu
         params: GenerationParams = Field(default_factory=GenerationParams)
 
     served = Literal[model_names]  # type: ignore[valid-type]
+    # Retrieval modes (docs/design.md "Retrieval modes"): a job's own, else its batch's, else RAGQ_RETRIEVAL.
+    mode = Literal[RETRIEVAL_MODES]  # type: ignore[valid-type]
+    mode_help = "`text` (minsearch), `vector` (sentence embeddings) or `hybrid` (both fused)"
 
     class JobRequest(QuestionFields):
         model: served | None = Field(None, description="A served model; the default model when omitted.")  # type: ignore[valid-type]
+        retrieval: mode = Field(default_retrieval, description=f"How FAQ entries are found: {mode_help}.")  # type: ignore[valid-type]
 
     class BatchLine(QuestionFields):
         custom_id: Annotated[str, StringConstraints(min_length=1, max_length=64)] = Field(
             description="Your key for this request; unique within the batch."
+        )
+        retrieval: mode | None = Field(None, description=f"{mode_help}; the batch's `retrieval` when omitted.")  # type: ignore[valid-type]
+        expected_document: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = Field(
+            None, description="With `evaluate`: the id of the FAQ entry that answers this question (hit rate, MRR)."
+        )
+        reference_answer: Annotated[str, StringConstraints(min_length=1, max_length=MAX_REFERENCE_CHARS)] | None = Field(
+            None, description="With `evaluate`: a reference answer (cosine similarity of the generated answer to it)."
         )
 
     class BatchOptions(BaseModel):
@@ -146,13 +160,17 @@ def request_models(question_chars_cap: int, new_tokens_cap: int, model_names: tu
             None, description="Receives the final batch object, signed, once the batch ends."
         )
         params: GenerationParams | None = Field(None, description="Default generation params for every line.")
+        retrieval: mode = Field(default_retrieval, description=f"Retrieval of lines that name none: {mode_help}.")  # type: ignore[valid-type]
+        evaluate: bool = Field(
+            False, description="Score the items that carry `expected_document` or `reference_answer`; the ended batch's `evaluation` sums them up."
+        )
 
     return RequestModels(JobRequest, BatchLine, BatchOptions)
 
 
 def request_models_for(settings: Settings) -> RequestModels:
     """`request_models` for these settings."""
-    return request_models(settings.max_question_chars, settings.max_new_tokens, tuple(settings.model_names))
+    return request_models(settings.max_question_chars, settings.max_new_tokens, tuple(settings.model_names), settings.retrieval)
 
 
 def iso(ts: float | None) -> str | None:
@@ -187,6 +205,11 @@ class Job:
     batch_id: str | None = None
     custom_id: str | None = None
     tenant: str = LOCAL_TENANT
+    retrieval: str = "text"
+    # Batch items of an evaluated batch: what the answer is scored against, and the scores (`shared.evaluation`).
+    expected_document: str | None = None
+    reference_answer: str | None = None
+    evaluation: dict[str, Any] | None = None
 
     @classmethod
     def new(cls, request: JobRequestBase, default_model: str, **extra: Any) -> Job:
@@ -200,6 +223,7 @@ class Job:
             model=data.get("model") or default_model,
             top_k=data["top_k"],
             params={k: v for k, v in data["params"].items() if v is not None},
+            retrieval=data.get("retrieval") or "text",
             created_at=time.time(),
             **extra,
         )
@@ -295,3 +319,7 @@ class JobView(BaseModel):
     attempts: int
     batch_id: str | None = Field(None, description="The batch this job is an item of, if any.")
     custom_id: str | None = Field(None, description="The item's custom_id in its batch.")
+    retrieval: str = Field("text", description="How its FAQ entries were found: `text`, `vector` or `hybrid`.")
+    evaluation: dict[str, Any] | None = Field(
+        None, description="An evaluated batch's item: `hit`, `reciprocal_rank`, `answer_similarity` (each null when not scored)."
+    )

@@ -18,7 +18,7 @@ import torch
 
 from worker.prompt import DEFAULT_TEMPLATE, Prompt, PromptFitter
 from worker.generation import Generation, GenerationError, Generator
-from worker.retrieval import Retriever, source_view
+from worker.retrieval import Query, Retriever, source_view
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class Question:
     course: str | None = None
     top_k: int = 5
     params: dict[str, Any] = field(default_factory=dict)
+    retrieval: str = "text"
 
 
 @dataclass(frozen=True)
@@ -196,13 +197,23 @@ def prepare_questions(
     """The first stage, without the model: retrieve for every question, then fit its prompt. A question that
     cannot be prepared gets its exception, alone."""
     started = time.perf_counter()
-    retrieved = retriever.search_many([(q.question, q.course, q.top_k) for q in questions])
+    try:
+        retrieved = retriever.retrieve([Query(q.question, q.course, q.top_k, q.retrieval) for q in questions])
+    except Exception as exc:  # a failure of the whole pass fails its questions, not the worker
+        return [exc] * len(questions)
     # One pass for the microbatch; each question is charged its share.
     retrieval_ms = (time.perf_counter() - started) * 1000 / max(1, len(questions))
+    # A question whose retrieval failed (vector retrieval without an embedding model) fails alone.
+    results: list[Prepared | Exception] = [r for r in retrieved if isinstance(r, Exception)]
+    if len(results) == len(questions):
+        return results
+    found = [(q, documents) for q, documents in zip(questions, retrieved, strict=True) if not isinstance(documents, Exception)]
     try:
-        return prepare_microbatch(questions, retrieved, retrieval_ms, generator, fitter)
+        prepared = prepare_microbatch([q for q, _ in found], [d for _, d in found], retrieval_ms, generator, fitter)
     except Exception as exc:  # a failure of the whole pass (say, the tokenizer) fails its questions, not the worker
-        return [exc] * len(questions)
+        prepared = [exc] * len(found)
+    ready = iter(prepared)
+    return [documents if isinstance(documents, Exception) else next(ready) for documents in retrieved]
 
 
 def generate_requests(requests: Sequence[GenerateRequest], generator: Generator, limits: CallLimits) -> list[Generated | Exception]:

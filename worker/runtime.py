@@ -21,6 +21,7 @@ from shared.models import ModelSpec
 from shared.store import JobStore, announce_worker, connect
 from worker.corpus import load_documents
 from worker.duties import Duties, start_duties
+from worker.embeddings import vector_index
 from worker.engine import EngineLane
 from worker.engine_process import EngineOptions
 from worker.generation import Generator, enable_continuous, load_generator, load_preparing, resolve_device, resolve_dtype
@@ -173,6 +174,8 @@ class Resident:
     handoff: InteractiveHandoff
     duties: Duties
     ledger: Ledger = field(default_factory=lambda: Ledger(None))
+    # The corpus's indexes, for scoring the items of evaluated batches (`worker.tasks`).
+    retriever: Retriever | None = None
 
     @property
     def model_name(self) -> str:
@@ -243,7 +246,16 @@ def load(settings: Settings, worker_name: str) -> Resident:
     spec = settings.worker_spec
     template = check_template(settings.read_prompt_template() or DEFAULT_TEMPLATE)
     documents = load_documents(settings.documents, settings.data_dir)
-    retriever = Retriever(documents)
+    if settings.engine == "process":
+        # The model runs in the engine process; torch here only embeds questions (vector, hybrid retrieval). One
+        # thread: two contend with the engine's and with each other (MiniLM, 16 questions: 6.7 ms each on one
+        # thread, 36 ms on two, on a busy 2-core machine; docs/benchmarks.md).
+        torch.set_num_threads(1)
+    retriever = Retriever(documents, vector_index(settings.embedding_model, documents, settings.data_dir))
+    if settings.retrieval != "text" and retriever.vectors is not None:
+        # Jobs that name no mode need the embedding model: load it (and embed or read the corpus) now, not in
+        # the first job's microbatch. A failure is kept for those jobs (`retrieval_unavailable`), not raised.
+        retriever.vectors.load_now()
     caps = microbatch_settings(settings)
     if settings.engine == "thread":
         generator, source = load_model(spec, settings), spec.source
@@ -275,6 +287,7 @@ def load(settings: Settings, worker_name: str) -> Resident:
         handoff=handoff,
         duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed),
         ledger=Ledger(settings.execution_ledger),
+        retriever=retriever,
     )
     worker_metrics.start(settings, worker_name)
     # `ragq serve` and the tests wait for this before sending work.

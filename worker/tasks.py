@@ -19,7 +19,9 @@ from shared.usage import job_usage
 from worker import metrics as worker_metrics
 from worker import pipeline
 from worker.microbatcher import BACKLOG, INTERACTIVE, MicrobatchInfo, Skipped
+from worker.embeddings import RetrievalUnavailable
 from worker.engine_process import EngineCrash, EngineHung
+from worker.evaluation import Reference
 from worker.generation import GenerationError
 from worker.runtime import Resident
 
@@ -55,9 +57,9 @@ def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -
             if job.model != resident.model_name:
                 message = f"job is for model {job.model!r}, worker serves {resident.model_name!r}"
                 return _fail(resident, job_id, started_at, "wrong_model", message)
-            question = pipeline.Question(question=job.question, course=job.course, top_k=job.top_k, params=job.params)
+            question = pipeline.Question(job.question, job.course, job.top_k, job.params, job.retrieval)
             future = resident.microbatcher.submit(job_id, question, BACKLOG if job.batch_id else INTERACTIVE)
-        status = _await_and_store(resident, job_id, job.created_at, started_at, future)
+        status = _await_and_store(resident, job_id, job.created_at, started_at, future, Reference.of(job))
         if status is JobStatus.SUCCEEDED:
             resident.duties.activity.succeeded(job)  # failures are counted in `_fail`, which knows the error
         return status
@@ -67,7 +69,7 @@ def run_job(resident: Resident, job_id: str, interactive_message: bool = True) -
 
 
 def _await_and_store(
-    resident: Resident, job_id: str, created_at: float, started_at: float, future: Future[Any]
+    resident: Resident, job_id: str, created_at: float, started_at: float, future: Future[Any], reference: Reference | None = None
 ) -> JobStatus | None:
     limit_s = resident.settings.task_time_limit_s
     try:
@@ -82,6 +84,8 @@ def _await_and_store(
         return _fail(resident, job_id, started_at, "engine_hung", str(exc))
     except GenerationError as exc:
         return _fail(resident, job_id, started_at, "generation_error", str(exc))
+    except RetrievalUnavailable as exc:
+        return _fail(resident, job_id, started_at, exc.type, exc.message)
     except Exception as exc:  # one job's failure must never take the worker down
         # The exception's text (a library's, CUDA's, with addresses and paths) is for the operator's log only.
         log.error("job %s failed: %s: %s", job_id, type(exc).__name__, exc)
@@ -90,11 +94,18 @@ def _await_and_store(
         log.info("job %s was cancelled while it waited for its microbatch", job_id)
         return None
     result, microbatch = outcome
-    return _succeed(resident, job_id, created_at, started_at, result, microbatch)
+    evaluation = reference.score(resident, result) if reference is not None else None
+    return _succeed(resident, job_id, created_at, started_at, result, microbatch, evaluation)
 
 
 def _succeed(
-    resident: Resident, job_id: str, created_at: float, started_at: float, result: pipeline.Answer, microbatch: MicrobatchInfo
+    resident: Resident,
+    job_id: str,
+    created_at: float,
+    started_at: float,
+    result: pipeline.Answer,
+    microbatch: MicrobatchInfo,
+    evaluation: dict[str, Any] | None = None,
 ) -> JobStatus | None:
     finished_at = time.time()
     timings = _timings(created_at, started_at, finished_at)
@@ -113,6 +124,7 @@ def _succeed(
         served_by=resident.served_by,
         timings=timings,
         usage=job_usage(result.prompt_tokens, result.completion_tokens, result.generation_ms, result.call_size),
+        **({"evaluation": evaluation} if evaluation is not None else {}),
     ))
     worker_metrics.job_stored(JobStatus.SUCCEEDED, outcome)
     if not outcome.applied:
