@@ -54,15 +54,9 @@ def parse_modes(raw: Sequence[str] | None) -> list[str | None]:
     return modes
 
 
-def build_eval_batch(
-    rows: Sequence[Mapping[str, str]],
-    top_k: int | None = None,
-    retrieval: str | None = None,
-    evaluate: bool = False,
-    max_new_tokens: int | None = None,
-) -> bytes:
-    """The batch for evaluation rows as a JSON document; custom_id is the row number, starting at 1. With
-    `evaluate`, each line carries its expected document and reference answer, and the worker scores it."""
+def build_eval_batch(rows: Sequence[Mapping[str, str]], top_k: int | None = None, evaluate: bool = False) -> bytes:
+    """The JSONL batch for evaluation rows; custom_id is the row number, starting at 1. With `evaluate`, each
+    line carries its expected document and reference answer, and the worker scores it."""
     lines = []
     for number, row in enumerate(rows, 1):
         item: dict[str, Any] = {"custom_id": str(number), "question": row["question"], "course": row["course"]}
@@ -72,15 +66,24 @@ def build_eval_batch(
             item["expected_document"] = row["document"]
             if row.get(ANSWER_COLUMN):
                 item["reference_answer"] = row[ANSWER_COLUMN]
-        lines.append(item)
-    document: dict[str, Any] = {"requests": lines}
+        lines.append(json.dumps(item))
+    return "\n".join(lines).encode("utf-8")
+
+
+def eval_options(
+    model: str | None, retrieval: str | None, evaluate: bool, max_new_tokens: int | None
+) -> dict[str, str]:
+    """The batch-wide options of an evaluation batch, as query parameters (the JSONL body then streams)."""
+    options: dict[str, str] = {}
+    if model:
+        options["model"] = model
     if retrieval is not None:
-        document["retrieval"] = retrieval
+        options["retrieval"] = retrieval
     if evaluate:
-        document["evaluate"] = True
+        options["evaluate"] = "true"
     if max_new_tokens is not None:
-        document["params"] = {"max_new_tokens": max_new_tokens}
-    return json.dumps(document).encode("utf-8")
+        options["params"] = json.dumps({"max_new_tokens": max_new_tokens})
+    return options
 
 
 def retrieval_metrics(rows: Sequence[Mapping[str, str]], results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -134,9 +137,9 @@ def format_table(runs: Sequence[Mapping[str, Any]]) -> str:
 def run_mode(client: ApiClient, rows: Sequence[Mapping[str, str]], args: argparse.Namespace, mode: str | None) -> tuple[dict[str, Any], bool] | None:
     """One batch for `mode`: its figures and whether it completed; None when the user stopped waiting."""
     with_answers = any(row.get(ANSWER_COLUMN) for row in rows)
-    data = build_eval_batch(rows, args.top_k, mode, evaluate=with_answers, max_new_tokens=args.max_new_tokens)
-    options = {"model": args.model} if args.model else {}
-    batch, replayed = submit_batch(client, data, CONTENT_TYPES[".json"], options)
+    data = build_eval_batch(rows, args.top_k, evaluate=with_answers)
+    options = eval_options(args.model, mode, with_answers, args.max_new_tokens)
+    batch, replayed = submit_batch(client, data, CONTENT_TYPES[".jsonl"], options)
     label = f" ({mode})" if mode else ""
     print(f"ragq: batch {batch['id']}{label}" + (" (already submitted)" if replayed else ""), file=sys.stderr)
     final = wait_with_progress(client, batch)

@@ -16,7 +16,7 @@ import pytest
 import redis
 import requests
 
-from cli.evaluate import build_eval_batch, format_table, parse_modes, read_questions
+from cli.evaluate import build_eval_batch, eval_options, format_table, parse_modes, read_questions
 from cli.redis_server import free_port
 from shared.config import Settings
 from tests.helpers import child_env, start_worker
@@ -49,13 +49,15 @@ def test_modes_parse_from_commas_and_repeats() -> None:
 def test_the_eval_batch_carries_mode_and_references_only_when_evaluating(tmp_path: Path) -> None:
     rows = read_questions(write_csv(tmp_path / "q.csv", [{"question": "q", "course": "c", "id": "d1", "text": "t"}], True))
     assert rows == [{"question": "q", "course": "c", "document": "d1", "answer": "t"}]
-    plain = json.loads(build_eval_batch(rows, retrieval="vector"))
-    assert plain == {"requests": [{"custom_id": "1", "question": "q", "course": "c"}], "retrieval": "vector"}
-    scored = json.loads(build_eval_batch(rows, top_k=3, evaluate=True))
-    assert scored["evaluate"] is True and "retrieval" not in scored
-    assert scored["requests"] == [
+    plain = [json.loads(line) for line in build_eval_batch(rows).splitlines()]
+    assert plain == [{"custom_id": "1", "question": "q", "course": "c"}]
+    assert eval_options(None, "vector", False, None) == {"retrieval": "vector"}
+    scored = [json.loads(line) for line in build_eval_batch(rows, top_k=3, evaluate=True).splitlines()]
+    assert scored == [
         {"custom_id": "1", "question": "q", "course": "c", "top_k": 3, "expected_document": "d1", "reference_answer": "t"}
     ]
+    options = eval_options("m", None, True, 8)
+    assert options == {"model": "m", "evaluate": "true", "params": json.dumps({"max_new_tokens": 8})}
 
 
 def test_the_table_has_a_row_per_mode() -> None:
