@@ -75,7 +75,7 @@ local function finish_batch(batch_id)
   redis.call('PUBLISH', key('events', batch_id), redis.call('HGET', bkey, 'status'))
 end
 
-local TRACKED = {worker = true, model = true, tenant = true, batch_id = true}
+local TRACKED = {worker = true, model = true, tenant = true, batch_id = true, usage = true}
 
 local function transition(job_key, target, allowed, fields)
   -- One read of every field the transition looks at, one write of the status with the fields: a transition
@@ -121,7 +121,7 @@ local function transition(job_key, target, allowed, fields)
     if redis.call('DECR', key('outstanding', tenant)) <= 0 then redis.call('DEL', key('outstanding', tenant)) end
   end
   -- Usage per tenant (shared/usage.py) moves with the result that records it: counted once, never lost.
-  if target == 'succeeded' and current ~= target then record_usage(job_key) end
+  if target == 'succeeded' and current ~= target then record_usage(after.tenant, after.model, after.usage) end
   redis.call('PUBLISH', job_key .. ':events', target)
   local batch = after.batch_id
   if batch and current ~= target then

@@ -52,28 +52,34 @@ local function usage_key(template, tenant, granularity, start)
   end
   return k
 end
+-- Returns the jobs count after this one: 1 means the entry (and maybe the key) is new.
 local function add_usage(k, model, prompt, completion, generate_s)
-  redis.call('HINCRBY', k, 'jobs:' .. model, 1)
+  local jobs = redis.call('HINCRBY', k, 'jobs:' .. model, 1)
   redis.call('HINCRBY', k, 'prompt_tokens:' .. model, prompt)
   redis.call('HINCRBY', k, 'completion_tokens:' .. model, completion)
   redis.call('HINCRBYFLOAT', k, 'generate_s:' .. model, generate_s)
+  return jobs
 end
-local function record_usage(job_key)
-  local usage = cjson.decode(redis.call('HGET', job_key, 'usage') or '{{}}')
-  local raw_tenant = redis.call('HGET', job_key, 'tenant')
+-- `raw_tenant`, `raw_model`, `raw_usage`: the job's fields as the transition leaves them (JSON, or nil), so the
+-- job is not read again. A bucket's TTL is set when its first job of a model arrives (a key lives its retention
+-- from then), and the tenant is listed once: one write each per bucket, not per job.
+local function record_usage(raw_tenant, raw_model, raw_usage)
+  local usage = cjson.decode(raw_usage or '{{}}')
   local tenant = raw_tenant and cjson.decode(raw_tenant) or USAGE['local_tenant']
-  local model = cjson.decode(redis.call('HGET', job_key, 'model') or '"unknown"')
+  local model = cjson.decode(raw_model or '"unknown"')
   local prompt = tonumber(usage['prompt_tokens']) or 0
   local completion = tonumber(usage['completion_tokens']) or 0
   local generate_s = string.format('%.6f', tonumber(usage['generate_s']) or 0)
   local t = now()
-  add_usage(usage_key('total', tenant), model, prompt, completion, generate_s)
+  if add_usage(usage_key('total', tenant), model, prompt, completion, generate_s) == 1 then
+    redis.call('SADD', USAGE['tenants'], tenant)
+  end
   for granularity, step in pairs(USAGE['step']) do
     local k = usage_key('bucket', tenant, granularity, math.floor(t / step) * step)
-    add_usage(k, model, prompt, completion, generate_s)
-    redis.call('EXPIRE', k, USAGE['retention'][granularity])
+    if add_usage(k, model, prompt, completion, generate_s) == 1 then
+      redis.call('EXPIRE', k, USAGE['retention'][granularity])
+    end
   end
-  redis.call('SADD', USAGE['tenants'], tenant)
 end
 """
 
