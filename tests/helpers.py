@@ -99,13 +99,13 @@ def alive(pid: int) -> bool:
 
 # Keys written whatever a test does: per-minute request counters (every `/v1` request), the heartbeats and
 # registry entries of the session's workers, the activity counters their registries write every 2 s (so
-# possibly for jobs of an earlier test), and Kombu's stash of unacknowledged messages (it comes and goes as a
-# live worker takes and acks messages, whatever the test is looking at). The formats are pinned by
+# possibly for jobs of an earlier test), the reapers' turn locks, and Kombu's stash of unacknowledged messages
+# (it comes and goes as a live worker takes and acks messages, whatever the test is looking at). The formats are pinned by
 # tests/test_redis_keys.py and tests/test_models_api.py.
 _NOISE_KEYS = re.compile(
     r"ragq:tenant:.+:rate:\d+|ragq:worker:.+:(alive|info)|ragq:workers:live"
     r"|ragq:(model|batch):.+:finished:\d+|ragq:tenant:.+:failures:.+"
-    r"|unacked|unacked_index|unacked_mutex"
+    r"|unacked|unacked_index|unacked_mutex|ragq:reaper:(turn|overdue-turn)"
 )
 
 
