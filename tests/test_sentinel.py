@@ -263,8 +263,14 @@ def test_failover_under_load_loses_no_accepted_job(
         poll_s = time.monotonic() - polled_at
         store = JobStore(sentinel_client, sentinel_settings.result_ttl_s)
         ended = _wait_until_final(store, accepted, timeout_s=180)
-        ledger = [json.loads(line) for line in sentinel_settings.execution_ledger.read_text().splitlines()]  # type: ignore[union-attr]
-        results = Counter(e["job_id"] for e in ledger if e["event"] == "result")
+        # The worker appends a job's ledger line just after storing its result: the last ones may still be on their way.
+        ledger_deadline = time.monotonic() + 30
+        while True:
+            ledger = [json.loads(line) for line in sentinel_settings.execution_ledger.read_text().splitlines()]  # type: ignore[union-attr]
+            results = Counter(e["job_id"] for e in ledger if e["event"] == "result")
+            if set(results) >= set(accepted) or time.monotonic() > ledger_deadline:
+                break
+            time.sleep(0.2)
         runs = Counter(e["job_id"] for e in ledger if e["event"] == "run")
         print(
             f"\nfailover: primary {old_primary} -> {new_primary}; {len(accepted)} accepted, refused {dict(refused)}; "
