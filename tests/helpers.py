@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import requests
 
 from cli import processes
 from cli.redis_server import free_port
@@ -225,3 +226,17 @@ class Receiver:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
+
+
+def wait_for_api(url: str, process: subprocess.Popen[Any], timeout_s: float, log_path: Path | None = None) -> None:
+    """Return once the API at `url` answers `/healthz`; RuntimeError (with its log, if any) if it exits or is late."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            requests.get(f"{url}/healthz", timeout=1)
+            return
+        except requests.RequestException:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log = log_path.read_text(errors="replace") if log_path is not None else "(no log)"
+                raise RuntimeError(f"the API did not start:\n{log}") from None
+            time.sleep(0.2)

@@ -181,7 +181,7 @@ def test_waiting_and_half_open_connections_do_not_stop_the_api(settings: Setting
     import requests
 
     from cli.redis_server import free_port
-    from tests.helpers import child_env
+    from tests.helpers import child_env, wait_for_api
 
     port = free_port()
     env = child_env(settings, RAGQ_PORT=str(port), RAGQ_API_THREADS="4", RAGQ_HEADER_TIMEOUT_S="2")
@@ -189,14 +189,7 @@ def test_waiting_and_half_open_connections_do_not_stop_the_api(settings: Setting
     url = f"http://127.0.0.1:{port}"
     held: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests.get(f"{url}/healthz", timeout=1)
-                break
-            except requests.RequestException:
-                assert time.monotonic() < deadline and api.poll() is None, "the API did not start"
-                time.sleep(0.2)
+        wait_for_api(url, api, 30)
         job_id = requests.post(f"{url}/v1/jobs", json=JOB, timeout=5).json()["id"]
         for _ in range(8):
             sock = socket.create_connection(("127.0.0.1", port))

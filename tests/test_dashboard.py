@@ -31,7 +31,7 @@ from api.dashboard import STATIC
 from cli.redis_server import free_port
 from shared.config import Settings
 from shared.models import ModelSpec
-from tests.helpers import child_env, start_worker
+from tests.helpers import child_env, start_worker, wait_for_api
 from worker.simulated import write_spec_dir
 
 API_START_TIMEOUT_S = 30
@@ -189,15 +189,7 @@ def running_api(settings: Settings) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + API_START_TIMEOUT_S
-        while True:
-            try:
-                requests.get(f"{url}/healthz", timeout=1)
-                break
-            except requests.RequestException:
-                if api.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the API did not start:\n{log_path.read_text(errors='replace')}") from None
-                time.sleep(0.2)
+        wait_for_api(url, api, API_START_TIMEOUT_S, log_path)
         yield url
     finally:
         api.terminate()

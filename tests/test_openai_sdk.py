@@ -15,7 +15,7 @@ import requests
 
 from cli.redis_server import free_port
 from shared.config import Settings
-from tests.helpers import WorkerProcess, child_env
+from tests.helpers import WorkerProcess, child_env, wait_for_api
 
 openai = pytest.importorskip("openai", reason="the openai package is a test dependency (pip install -e '.[test]')")
 
@@ -32,14 +32,7 @@ def api_url(settings: Settings) -> Iterator[str]:
     api = subprocess.Popen([sys.executable, "-m", "api"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + API_START_TIMEOUT_S
-        while True:
-            try:
-                requests.get(f"{url}/healthz", timeout=1)
-                break
-            except requests.RequestException:
-                assert time.monotonic() < deadline and api.poll() is None, "the API did not start"
-                time.sleep(0.2)
+        wait_for_api(url, api, API_START_TIMEOUT_S)
         yield url
     finally:
         api.terminate()
