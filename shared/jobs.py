@@ -33,11 +33,12 @@ class JobStatus(enum.StrEnum):
 
 # running -> running is a redelivery: the worker that held the job died and another takes it over (the
 # transition script refuses it while the holder's heartbeat lives); only one can make the final transition.
+# running -> queued: a stopping worker gives back batch items it claimed and never started (`worker.backlog`).
 # expired: a batch item not finished when its batch's completion window ended.
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED, JobStatus.EXPIRED}),
     JobStatus.RUNNING: frozenset(
-        {JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
+        {JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED}
     ),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),

@@ -38,6 +38,8 @@ TEMPLATES = json.dumps(
         "sent": redis_keys.sent("{id}"),
         "worker_alive": redis_keys.worker_alive("{id}"),
         "outstanding": redis_keys.tenant_outstanding("{id}"),
+        "job": redis_keys.job("{id}"),
+        "pending": redis_keys.batch_pending("{id}"),
         "local_tenant": LOCAL_TENANT,
     }
 )
@@ -77,10 +79,67 @@ end
 
 local TRACKED = {worker = true, model = true, tenant = true, batch_id = true, usage = true}
 
-local function transition(job_key, target, allowed, fields)
+-- What a script's transitions change besides the jobs themselves (worker job sets, the message audit's sent
+-- sets, tenants' outstanding counts, usage, batch counts), summed up and written once per worker, model, tenant
+-- and batch by `flush`: a microbatch's claims or results in one script cost one write of each, not one per job.
+local function new_effects()
+  return {joined = {}, left = {}, unsent = {}, outstanding = {}, usage = {}, counts = {}, ended = {}}
+end
+
+local function add_to(t, k, v)
+  local list = t[k]
+  if not list then list = {}; t[k] = list end
+  table.insert(list, v)
+end
+
+-- `unpack` has a bound on its arguments: set commands go in slices.
+local function each_slice(command, k, members)
+  for i = 1, #members, 1000 do
+    redis.call(command, k, unpack(members, i, math.min(i + 999, #members)))
+  end
+end
+
+local function flush(fx)
+  for worker, ids in pairs(fx.left) do each_slice('SREM', key('worker_jobs', worker), ids) end
+  for worker, ids in pairs(fx.joined) do
+    each_slice('SADD', key('worker_jobs', worker), ids)
+    redis.call('SADD', T['with_jobs'], worker)
+  end
+  -- Its message has been taken (or no longer matters): the message audit stops watching it.
+  for model, ids in pairs(fx.unsent) do each_slice('ZREM', key('sent', model), ids) end
+  -- Ended jobs no longer count against their tenant's quota of outstanding jobs.
+  for tenant, n in pairs(fx.outstanding) do
+    if redis.call('DECRBY', key('outstanding', tenant), n) <= 0 then redis.call('DEL', key('outstanding', tenant)) end
+  end
+  record_usage(fx.usage)
+  for batch, deltas in pairs(fx.counts) do
+    local counts = key('counts', batch)
+    for status, delta in pairs(deltas) do
+      if delta ~= 0 then redis.call('HINCRBY', counts, status, delta) end
+    end
+    local ended = fx.ended[batch]
+    if ended then
+      local left = redis.call('HMGET', counts, 'queued', 'running', 'cancelled')
+      -- An item that was running when its batch was cancelled keeps no more than the batch's other items.
+      -- (Looked up only once something in the batch was cancelled: most final transitions pay nothing.)
+      if tonumber(left[3] or 0) > 0 and redis.call('HGET', key('batch', batch), 'status') == 'cancelling' then
+        local ttl = ended_ttl(key('batch', batch))
+        for _, job_key in ipairs(ended) do redis.call('EXPIRE', job_key, ttl) end
+      end
+      if tonumber(left[1] or 0) + tonumber(left[2] or 0) == 0 then finish_batch(batch) end
+    end
+  end
+end
+
+local READ = {'status', 'worker', 'id', 'model', 'tenant', 'batch_id', 'attempts'}
+
+-- Moves one job to `target` if its status is in `allowed`, writing `fields` (a flat list of name, JSON value)
+-- with it; the other keys it touches go through `fx` (written by `flush`). `before`: the job's READ fields if
+-- the caller has read them already. Returns {1 if it moved, the status found}.
+local function transition(job_key, target, allowed, fields, fx, before)
   -- One read of every field the transition looks at, one write of the status with the fields: a transition
   -- is the bulk of the Redis commands of a job (see docs/capacity.md).
-  local before = redis.call('HMGET', job_key, 'status', 'worker', 'id', 'model', 'tenant', 'batch_id')
+  before = before or redis.call('HMGET', job_key, unpack(READ))
   local current = before[1]
   if not current then return {0, ''} end
   if not allowed[current] then return {0, current} end
@@ -92,53 +151,45 @@ local function transition(job_key, target, allowed, fields)
   end
   local id = before[3] and cjson.decode(before[3]) or job_key
   -- Track which worker runs the job, so the jobs of a worker that died can be found and run again.
-  if current == 'running' and previous_worker ~= cjson.null then
-    redis.call('SREM', key('worker_jobs', previous_worker), id)
-  end
+  if current == 'running' and previous_worker ~= cjson.null then add_to(fx.left, previous_worker, id) end
   -- The fields read below, as this transition leaves them.
   local after = {worker = before[2], model = before[4], tenant = before[5], batch_id = before[6]}
   local writes = {'status', target}
+  if target == 'running' then
+    table.insert(writes, 'attempts')
+    table.insert(writes, tostring((tonumber(before[7] or '0') or 0) + 1))
+  end
   for i = 1, #fields, 2 do
     table.insert(writes, fields[i])
     table.insert(writes, fields[i + 1])
     if TRACKED[fields[i]] then after[fields[i]] = fields[i + 1] end
   end
   redis.call('HSET', job_key, unpack(writes))
-  -- Its message has been taken (or no longer matters): the message audit stops watching it.
-  if after.model then redis.call('ZREM', key('sent', cjson.decode(after.model)), id) end
+  if after.model then add_to(fx.unsent, cjson.decode(after.model), id) end
   if target == 'running' then
-    redis.call('HINCRBY', job_key, 'attempts', 1)
     local worker = cjson.decode(after.worker or 'null')
-    if worker ~= cjson.null then
-      redis.call('SADD', key('worker_jobs', worker), id)
-      redis.call('SADD', T['with_jobs'], worker)
+    if worker ~= cjson.null then add_to(fx.joined, worker, id) end
+  end
+  if FINAL[target] then
+    redis.call('EXPIRE', job_key, RESULT_TTL)
+    if not FINAL[current] then
+      local tenant = after.tenant and cjson.decode(after.tenant) or T['local_tenant']
+      fx.outstanding[tenant] = (fx.outstanding[tenant] or 0) + 1
     end
+    -- Usage per tenant (shared/usage.py) moves with the result that records it: counted once, never lost.
+    if target == 'succeeded' and current ~= target then note_usage(fx.usage, after.tenant, after.model, after.usage) end
+    -- Waiters (the API's long polls) wait for a final status only.
+    redis.call('PUBLISH', job_key .. ':events', target)
   end
-  if FINAL[target] then redis.call('EXPIRE', job_key, RESULT_TTL) end
-  if FINAL[target] and not FINAL[current] then
-    -- The job no longer counts against its tenant's quota of outstanding jobs.
-    local tenant = after.tenant and cjson.decode(after.tenant) or T['local_tenant']
-    if redis.call('DECR', key('outstanding', tenant)) <= 0 then redis.call('DEL', key('outstanding', tenant)) end
-  end
-  -- Usage per tenant (shared/usage.py) moves with the result that records it: counted once, never lost.
-  if target == 'succeeded' and current ~= target then record_usage(after.tenant, after.model, after.usage) end
-  redis.call('PUBLISH', job_key .. ':events', target)
   local batch = after.batch_id
   if batch and current ~= target then
     batch = cjson.decode(batch)
     if batch ~= cjson.null then
-      local counts = key('counts', batch)
-      redis.call('HINCRBY', counts, current, -1)
-      redis.call('HINCRBY', counts, target, 1)
-      if FINAL[target] then
-        local left = redis.call('HMGET', counts, 'queued', 'running', 'cancelled')
-        -- An item that was running when its batch was cancelled keeps no more than the batch's other items.
-        -- (Looked up only once something in the batch was cancelled: most final transitions pay nothing.)
-        if tonumber(left[3] or 0) > 0 and redis.call('HGET', key('batch', batch), 'status') == 'cancelling' then
-          redis.call('EXPIRE', job_key, ended_ttl(key('batch', batch)))
-        end
-        if tonumber(left[1] or 0) + tonumber(left[2] or 0) == 0 then finish_batch(batch) end
-      end
+      local deltas = fx.counts[batch]
+      if not deltas then deltas = {}; fx.counts[batch] = deltas end
+      deltas[current] = (deltas[current] or 0) - 1
+      deltas[target] = (deltas[target] or 0) + 1
+      if FINAL[target] then add_to(fx.ended, batch, job_key) end
     end
   end
   return {1, current}
@@ -153,13 +204,18 @@ end
 
 # KEYS[1] job; ARGV: templates, result ttl, target, allowed (JSON list), fields (JSON list of name, value).
 _TRANSITION_LUA = _LUA_LIB + """
-return transition(KEYS[1], ARGV[3], set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]))
+local fx = new_effects()
+local outcome = transition(KEYS[1], ARGV[3], set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]), fx)
+flush(fx)
+return outcome
 """
 
 # KEYS[1] job; ARGV as above. The transition, then the job's fields if it applied: a claim and its read in one
 # round trip.
 _CLAIM_LUA = _LUA_LIB + """
-local outcome = transition(KEYS[1], ARGV[3], set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]))
+local fx = new_effects()
+local outcome = transition(KEYS[1], ARGV[3], set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]), fx)
+flush(fx)
 if outcome[1] == 1 then table.insert(outcome, redis.call('HGETALL', KEYS[1])) end
 return outcome
 """
@@ -167,10 +223,103 @@ return outcome
 # KEYS: job keys; ARGV as above. Returns how many jobs moved.
 _BULK_TRANSITION_LUA = _LUA_LIB + """
 local allowed, fields, moved = set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5]), 0
+local fx = new_effects()
 for _, job_key in ipairs(KEYS) do
-  moved = moved + transition(job_key, ARGV[3], allowed, fields)[1]
+  moved = moved + transition(job_key, ARGV[3], allowed, fields, fx)[1]
 end
+flush(fx)
 return moved
+"""
+
+# KEYS: job keys; ARGV: templates, result ttl, JSON {target: allowed statuses}, JSON list of [target, fields]
+# per key. Each job's final transition, the shared writes once: a microbatch's results in one round trip.
+# Returns {1 if it moved, the status found} per job.
+_FINISH_MANY_LUA = _LUA_LIB + """
+local sources, finals, outcomes = cjson.decode(ARGV[3]), cjson.decode(ARGV[4]), {}
+local allowed = {}
+for target, list in pairs(sources) do allowed[target] = set_of(list) end
+local fx = new_effects()
+for i, job_key in ipairs(KEYS) do
+  local target, fields = finals[i][1], finals[i][2]
+  outcomes[i] = transition(job_key, target, allowed[target], fields, fx)
+end
+flush(fx)
+return outcomes
+"""
+
+# KEYS: none; ARGV: templates, result ttl, 'running', allowed (JSON), fields of the claim (JSON), the model's
+# active list, n. Takes up to n items of the model's batches from their pending lists, round-robin (an equal
+# share of what is left from each batch per turn, rotating the active list; a batch whose list is empty leaves
+# it), and claims each for the worker named in the fields, in the same call: an item is in a pending list or
+# claimed, never in between, so nothing taken is lost with the taker. Items no longer queued (cancelled,
+# expired) are dropped. Returns the claimed jobs' fields (flat lists), as the claim leaves them.
+_CLAIM_PENDING_LUA = _LUA_LIB + """
+local allowed, fields = set_of(cjson.decode(ARGV[4])), cjson.decode(ARGV[5])
+local active, n = ARGV[6], tonumber(ARGV[7])
+local fx = new_effects()
+local claimed, taken = {}, 0
+local batches = redis.call('LLEN', active)
+while taken < n and batches > 0 do
+  local batch = redis.call('LMOVE', active, active, 'LEFT', 'RIGHT')
+  local ids = redis.call('LPOP', key('pending', batch), math.ceil((n - taken) / batches))
+  if ids then
+    for _, id in ipairs(ids) do
+      taken = taken + 1
+      local job_key = key('job', id)
+      local flat = redis.call('HGETALL', job_key)
+      local job = {}
+      for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
+      local before = {}
+      for i, name in ipairs(READ) do before[i] = job[name] end
+      if transition(job_key, 'running', allowed, fields, fx, before)[1] == 1 then
+        job['status'] = 'running'
+        job['attempts'] = tostring((tonumber(job['attempts'] or '0') or 0) + 1)
+        for i = 1, #fields, 2 do job[fields[i]] = fields[i + 1] end
+        local out = {}
+        for name, value in pairs(job) do
+          table.insert(out, name)
+          table.insert(out, value)
+        end
+        table.insert(claimed, out)
+      end
+    end
+  else
+    redis.call('LREM', active, 0, batch)
+    batches = batches - 1
+  end
+end
+flush(fx)
+return claimed
+"""
+
+# KEYS: job keys; ARGV: templates, result ttl, the worker (JSON), the model's active list. Gives back items a
+# worker claimed from their batches and never started (it is stopping): each still running under that worker
+# is queued again with its attempt returned, at the front of its batch's pending list, and its batch goes to
+# the front of the active list, so the next worker to take takes them first. Returns how many went back.
+_GIVE_BACK_LUA = _LUA_LIB + """
+local worker, active = ARGV[3], ARGV[4]
+local fx = new_effects()
+local given, batches = 0, {}
+for i = #KEYS, 1, -1 do
+  local job_key = KEYS[i]
+  local before = redis.call('HMGET', job_key, unpack(READ))
+  local batch = cjson.decode(before[6] or 'null')
+  if before[1] == 'running' and before[2] == worker and batch ~= cjson.null then
+    local attempts = math.max(0, (tonumber(before[7] or '0') or 0) - 1)
+    local fields = {'worker', 'null', 'started_at', 'null', 'attempts', tostring(attempts)}
+    if transition(job_key, 'queued', {running = true}, fields, fx, before)[1] == 1 then
+      redis.call('LPUSH', key('pending', batch), cjson.decode(before[3]))
+      batches[batch] = true
+      given = given + 1
+    end
+  end
+end
+flush(fx)
+for batch in pairs(batches) do
+  redis.call('LREM', active, 0, batch)
+  redis.call('LPUSH', active, batch)
+end
+return given
 """
 
 # KEYS[1] batch; ARGV: templates, result ttl, target status, allowed statuses (JSON), fields (JSON).
@@ -222,6 +371,9 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION_LUA)
         self._claim = client.register_script(_CLAIM_LUA)
         self._bulk_transition = client.register_script(_BULK_TRANSITION_LUA)
+        self._finish_many = client.register_script(_FINISH_MANY_LUA)
+        self._claim_pending = client.register_script(_CLAIM_PENDING_LUA)
+        self._give_back = client.register_script(_GIVE_BACK_LUA)
         self._batch_status = client.register_script(_BATCH_STATUS_LUA)
         self._reserve = client.register_script(_RESERVE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
@@ -282,6 +434,34 @@ class JobStore:
         flat = rest[0]
         return outcome, Job.from_redis(dict(zip(flat[::2], flat[1::2], strict=True)))
 
+    def finish_many(self, finals: Sequence[tuple[str, JobStatus, dict[str, Any]]]) -> list[Transition]:
+        """Each `(job id, final status, fields)` as `transition` would store it, in one round trip (the writes the
+        jobs share, such as batch counts and usage, once); an outcome per job."""
+        if not finals:
+            return []
+        sources = {target.value: [s.value for s in allowed_sources(target)] for _, target, _ in finals}
+        encoded = [[target.value, [x for name, value in fields.items() for x in (name, json.dumps(value))]] for _, target, fields in finals]
+        outcomes = self._finish_many(
+            keys=[redis_keys.job(job_id) for job_id, _, _ in finals],
+            args=[TEMPLATES, self.result_ttl_s, json.dumps(sources), json.dumps(encoded)],
+        )
+        return [Transition(bool(applied), JobStatus(previous) if previous else None) for applied, previous in outcomes]
+
+    def claim_pending(self, model_name: str, n: int, **fields: Any) -> list[Job]:
+        """Up to `n` items of `model_name`'s batches, taken round-robin from their pending lists and claimed
+        (`transition(RUNNING, **fields)`) in the same Lua call; the jobs as the claim leaves them."""
+        sources = [s.value for s in allowed_sources(JobStatus.RUNNING)]
+        args = self._args(JobStatus.RUNNING.value, sources, fields) + [redis_keys.active_batches(model_name), n]
+        return [Job.from_redis(dict(zip(flat[::2], flat[1::2], strict=True))) for flat in self._claim_pending(args=args)]
+
+    def give_back(self, job_ids: Sequence[str], worker: str, model_name: str) -> int:
+        """Queue again, at the front of their batches, the items of `job_ids` that `worker` claimed with
+        `claim_pending` and never started; returns how many went back."""
+        if not job_ids:
+            return 0
+        args = [TEMPLATES, self.result_ttl_s, json.dumps(worker), redis_keys.active_batches(model_name)]
+        return int(self._give_back(keys=[redis_keys.job(j) for j in job_ids], args=args))
+
     def transition_many(self, job_ids: Sequence[str], target: JobStatus, only_from: Sequence[JobStatus], **fields: Any) -> int:
         """Move every job of `job_ids` whose status is in `only_from` to `target`; returns how many moved."""
         sources = [s.value for s in only_from if s in allowed_sources(target)]
@@ -311,7 +491,8 @@ class JobStore:
             while not job.status.is_final:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    break
+                    # Only final statuses are published: the current one is read at the end.
+                    return self.get(job_id)
                 if notice.wait(remaining):
                     job = self.get(job_id)
             return job

@@ -1,7 +1,7 @@
 """Usage per tenant and model: jobs, prompt and completion tokens, generate seconds, by hour, by day and in total.
 
 Guarantee: every job that succeeds is counted once, in the same Lua script that stores its result (the job
-transition of `shared.store` runs `record_usage` when the target is `succeeded`), so a worker dying between the
+transition of `shared.store` counts it when the target is `succeeded`), so a worker dying between the
 two, or a redelivered message, can neither lose nor double a job's usage. Bounded: an hour's hash expires
 `RETENTION_S["hour"]` after its last write, a day's after `RETENTION_S["day"]`; the totals (the Prometheus
 counters) are one hash per tenant; fields are `<figure>:<model>`, so a hash holds 4 fields per model.
@@ -40,8 +40,10 @@ _TEMPLATES = json.dumps(
     }
 )
 
-# Lua for `shared.store`'s script library (needs its `now()`): `record_usage(job_key)` adds a succeeded job's
-# figures (its `usage` field, written by the same transition) to its tenant's hour, day and total.
+# Lua for `shared.store`'s script library (needs its `now()`). A script adds each succeeded job's figures (its
+# `usage` field, written by the same transition) to a running sum per tenant and model (`note_usage`), and
+# writes the sums once at its end (`record_usage`): a microbatch's results stored together cost one set of
+# writes per tenant and model, not one per job.
 RECORD_USAGE_LUA = f"""
 local USAGE = cjson.decode([==[{_TEMPLATES}]==])
 local function usage_key(template, tenant, granularity, start)
@@ -52,32 +54,45 @@ local function usage_key(template, tenant, granularity, start)
   end
   return k
 end
--- Returns the jobs count after this one: 1 means the entry (and maybe the key) is new.
-local function add_usage(k, model, prompt, completion, generate_s)
-  local jobs = redis.call('HINCRBY', k, 'jobs:' .. model, 1)
-  redis.call('HINCRBY', k, 'prompt_tokens:' .. model, prompt)
-  redis.call('HINCRBY', k, 'completion_tokens:' .. model, completion)
-  redis.call('HINCRBYFLOAT', k, 'generate_s:' .. model, generate_s)
+-- Returns the jobs count after these: equal to `jobs` means the entry (and maybe the key) is new.
+local function add_usage(k, sum)
+  local jobs = redis.call('HINCRBY', k, 'jobs:' .. sum.model, sum.jobs)
+  redis.call('HINCRBY', k, 'prompt_tokens:' .. sum.model, sum.prompt)
+  redis.call('HINCRBY', k, 'completion_tokens:' .. sum.model, sum.completion)
+  redis.call('HINCRBYFLOAT', k, 'generate_s:' .. sum.model, string.format('%.6f', sum.generate_s))
   return jobs
 end
 -- `raw_tenant`, `raw_model`, `raw_usage`: the job's fields as the transition leaves them (JSON, or nil), so the
--- job is not read again. A bucket's TTL is set when its first job of a model arrives (a key lives its retention
--- from then), and the tenant is listed once: one write each per bucket, not per job.
-local function record_usage(raw_tenant, raw_model, raw_usage)
+-- job is not read again. `sums` is the script's table of running sums.
+local function note_usage(sums, raw_tenant, raw_model, raw_usage)
   local usage = cjson.decode(raw_usage or '{{}}')
   local tenant = raw_tenant and cjson.decode(raw_tenant) or USAGE['local_tenant']
   local model = cjson.decode(raw_model or '"unknown"')
-  local prompt = tonumber(usage['prompt_tokens']) or 0
-  local completion = tonumber(usage['completion_tokens']) or 0
-  local generate_s = string.format('%.6f', tonumber(usage['generate_s']) or 0)
-  local t = now()
-  if add_usage(usage_key('total', tenant), model, prompt, completion, generate_s) == 1 then
-    redis.call('SADD', USAGE['tenants'], tenant)
+  local k = tenant .. '\0' .. model
+  local sum = sums[k]
+  if not sum then
+    sum = {{tenant = tenant, model = model, jobs = 0, prompt = 0, completion = 0, generate_s = 0}}
+    sums[k] = sum
   end
-  for granularity, step in pairs(USAGE['step']) do
-    local k = usage_key('bucket', tenant, granularity, math.floor(t / step) * step)
-    if add_usage(k, model, prompt, completion, generate_s) == 1 then
-      redis.call('EXPIRE', k, USAGE['retention'][granularity])
+  sum.jobs = sum.jobs + 1
+  sum.prompt = sum.prompt + (tonumber(usage['prompt_tokens']) or 0)
+  sum.completion = sum.completion + (tonumber(usage['completion_tokens']) or 0)
+  sum.generate_s = sum.generate_s + (tonumber(usage['generate_s']) or 0)
+end
+-- Adds the sums to each tenant's hour, day and total. A bucket's TTL is set when its first job of a model
+-- arrives (a key lives its retention from then), and the tenant is listed once: one write each per bucket.
+local function record_usage(sums)
+  local t = nil
+  for _, sum in pairs(sums) do
+    t = t or now()
+    if add_usage(usage_key('total', sum.tenant), sum) == sum.jobs then
+      redis.call('SADD', USAGE['tenants'], sum.tenant)
+    end
+    for granularity, step in pairs(USAGE['step']) do
+      local k = usage_key('bucket', sum.tenant, granularity, math.floor(t / step) * step)
+      if add_usage(k, sum) == sum.jobs then
+        redis.call('EXPIRE', k, USAGE['retention'][granularity])
+      end
     end
   end
 end
