@@ -1,9 +1,9 @@
-"""Batches in Redis: create in pipelines, read with counts, cancel, expire, stream results, feed the workers.
+"""Batches in Redis: create in pipelines, read with counts, cancel, expire, stream results.
 
 Batch items are ordinary job records (with `batch_id` and `custom_id`). They wait in a per-batch pending
-list; workers' feeders take them round-robin across a model's active batches into the model's batch queue,
-keeping that queue shallow: interactive jobs never wait behind a backlog, and a small batch is not starved
-by a big one.
+list; workers claim them straight from there, round-robin across a model's active batches, a few
+microbatches at a time (`JobStore.claim_pending`, `worker.backlog`): interactive jobs never wait behind a
+backlog in Redis, and a small batch is not starved by a big one.
 """
 
 from __future__ import annotations
@@ -26,30 +26,6 @@ from shared.openai_shapes import Rejected
 from shared.store import JobStore
 
 CHUNK = 2000
-
-# KEYS: none; ARGV[1] active list, ARGV[2] pending template, ARGV[3] the model's sent set, ARGV[4] n.
-# Rotates the active list, taking one item per batch per turn; drops batches whose pending list is empty.
-# Taken items are noted as sent at once: if the feeder dies before sending them, the message audit does.
-# Returns {the time they were noted as sent (Redis's clock), the ids}.
-_TAKE_LUA = with_now("""
-local active, sent, n = ARGV[1], ARGV[3], tonumber(ARGV[4])
-local now = now()
-local taken = {}
-local batches = redis.call('LLEN', active)
-while #taken < n and batches > 0 do
-  local batch = redis.call('LMOVE', active, active, 'LEFT', 'RIGHT')
-  local id = redis.call('LPOP', (string.gsub(ARGV[2], '{id}', batch)))
-  if id then
-    table.insert(taken, id)
-    redis.call('ZADD', sent, now, id)
-  else
-    redis.call('LREM', active, 0, batch)
-    batches = batches - 1
-  end
-end
-return {tostring(now), taken}
-""")
-
 
 # The fields of a compact item row after its job id (see `shared.batches.batch_items`).
 ITEM_FIELDS = ("question", "course", "top_k", "params", "custom_id", "retrieval", "expected_document", "reference_answer")
@@ -243,7 +219,6 @@ class BatchStore:
     def __init__(self, jobs: JobStore) -> None:
         self.jobs = jobs
         self.redis: redis.Redis = jobs.redis
-        self._take = self.redis.register_script(_TAKE_LUA)
         self._create_items = self.redis.register_script(_CREATE_ITEMS_LUA)
         self._commit = self.redis.register_script(_COMMIT_LUA)
         self._shorten = self.redis.register_script(_SHORTEN_LUA)
@@ -510,14 +485,6 @@ class BatchStore:
                     "error": job.error,
                     "usage": job.usage,
                 }
-
-    def take_pending(self, model_name: str, n: int) -> tuple[list[str], str]:
-        """Up to `n` pending items of `model_name`'s batches, round-robin, and the time they were noted as sent
-        (see `_TAKE_LUA`; pass it on to `shared.broker.enqueue_many`)."""
-        sent_at, job_ids = self._take(
-            args=[redis_keys.active_batches(model_name), redis_keys.batch_pending("{id}"), redis_keys.sent(model_name), n]
-        )
-        return list(job_ids), str(sent_at)
 
 
 def _raise_refusal(outcome: str, figure: int, total: int, limits: BatchLimits) -> None:

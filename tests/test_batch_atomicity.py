@@ -123,7 +123,7 @@ def test_an_upload_that_never_commits_leaves_only_expiring_keys_and_a_retry_gets
             assert 0 < ttl <= STAGING_TTL_S, (key, ttl)
         assert redis_client.get(redis_keys.tenant_outstanding("local")) is None
         assert redis_client.zcard(redis_keys.tenant_batches("local")) == 0
-        assert BatchStore(JobStore(redis_client, 60)).take_pending("unserved", 100)[0] == []
+        assert JobStore(redis_client, 60).claim_pending("unserved", 100, worker="w@h") == []
         # A retry while the first request is still working: 409 in progress, not 404.
         monkeypatch.setattr(BatchStore, "commit", original)
         retry = submit(client, jsonl(5), **KEY)

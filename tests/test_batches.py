@@ -18,7 +18,8 @@ from shared.batches import Batch
 from shared.config import Settings
 from shared.store import JobStore
 from tests.helpers import WorkerProcess, data_keys
-from worker.runtime import FEED_MICROBATCHES, microbatch_settings
+from worker.backlog import HELD_MICROBATCHES
+from worker.runtime import microbatch_settings
 
 QUESTIONS = ["How do I add more workers?", "What does ragq serve start?", "How are errors reported?", "How do I cancel a job?"]
 FAST = {"max_new_tokens": 2, "num_beams": 1}
@@ -279,11 +280,11 @@ def test_small_batch_is_not_starved_by_a_big_one(
     wait_for_batch(client, big["id"], ended)
     small_jobs = [store.get(line["job_id"]) for line in results(client, small["id"])]
     assert all(job.status.value == "succeeded" for job in small_jobs)
-    # Ahead of the small batch's items: what was already fed to the batch queue and held by the worker's
-    # threads; then one big item per small item (and one more, by where the rotation stood) as the feeder takes
-    # them round-robin; and the big items sharing the last small item's microbatch, which finish with it.
+    # Ahead of the small batch's items: what the worker held already (claimed, a few microbatches); then one big
+    # item per small item (and one more, by where the rotation stood) as the worker takes them round-robin; and
+    # the big items sharing the last small item's microbatch, which finish with it.
     caps = microbatch_settings(settings)
-    ahead = FEED_MICROBATCHES * caps.max_size + caps.thread_pool_size + len(small_jobs) + 1 + caps.max_size
+    ahead = HELD_MICROBATCHES * caps.max_size + len(small_jobs) + 1 + caps.max_size
     created_at = min(job.created_at for job in small_jobs)
     done_at = max(job.finished_at or 0 for job in small_jobs)
     assert finished_between(store, client, big["id"], created_at, done_at) <= ahead

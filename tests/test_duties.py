@@ -58,7 +58,7 @@ def test_heartbeat_never_lapses_while_another_duty_is_slower_than_its_ttl(
     batch = Batch.new("unserved", 1, "24h", None, None)
     batches.create(batch, [["00000000-0000-4000-8000-0000000000d1", "q", None, 5, {}, "1"]])
     redis_client.zadd(redis_keys.batch_deadlines(), {batch.id: time.time() - 1})
-    duties = Duties.from_settings(unserved(settings), store, WORKER_NAME, 8)
+    duties = Duties.from_settings(unserved(settings), store, WORKER_NAME)
     duties.heartbeat = Heartbeat(redis_client, WORKER_NAME, ttl_s=ttl_s, every_s=0.2)
     slow_expiry = SlowExpiry(batches, slow_s)
     duties.expiry = slow_expiry
@@ -82,11 +82,11 @@ def test_heartbeat_never_lapses_while_another_duty_is_slower_than_its_ttl(
 def test_start_duties_says_the_worker_is_alive_and_runs_each_duty_on_a_thread_of_its_own(
     settings: Settings, store: JobStore, redis_client: redis.Redis
 ) -> None:
-    duties = start_duties(unserved(settings), store, WORKER_NAME, 8)
+    duties = start_duties(unserved(settings), store, WORKER_NAME)
     try:
         assert 0 < redis_client.ttl(redis_keys.worker_alive(WORKER_NAME)) <= HEARTBEAT_TTL_S
         names = [loop.thread.name for loop in duties.loops]
-        assert names == ["ragq-heartbeat", "ragq-feeder", "ragq-expiry", "ragq-callbacks", "ragq-reaper", "ragq-audit", "ragq-registry"]
+        assert names == ["ragq-heartbeat", "ragq-expiry", "ragq-callbacks", "ragq-reaper", "ragq-audit", "ragq-registry"]
         assert all(loop.thread.is_alive() and loop.thread.daemon for loop in duties.loops)
     finally:
         # Stopping does not wait for a loop's interval (the audit's is 10 s) to run out.

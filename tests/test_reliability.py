@@ -293,14 +293,18 @@ def test_sigterm_lets_the_running_batch_finish_and_leaves_the_rest_queued(
         second.stop()
 
 
-def test_batch_items_a_feeder_took_but_never_sent_are_sent_by_the_audit(
+def test_batch_items_a_worker_claimed_and_died_with_are_sent_again_by_the_reaper(
     store: JobStore, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    audit = message_audit(store, settings)
-    batch = Batch.new("unserved", 2, "24h", None, None)
-    items = [[f"00000000-0000-4000-8000-00000000000{i}", "q", None, 5, {}, str(i)] for i in range(2)]
+    batch = Batch.new("unserved", 3, "24h", None, None)
+    items = [[f"00000000-0000-4000-8000-00000000000{i}", "q", None, 5, {}, str(i)] for i in range(3)]
     BatchStore(store).create(batch, items)
-    taken, _ = BatchStore(store).take_pending("unserved", 2)  # and the feeder dies here
-    assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 0
-    assert sorted(audit.audit_messages(stale_s=0, slack_s=0)) == sorted(taken) == [row[0] for row in items]
+    redis_client.set(redis_keys.worker_alive("taker@h"), "1", ex=60)
+    claimed = store.claim_pending("unserved", 2, worker="taker@h", started_at=time.time())  # and the worker dies here
+    assert [job.id for job in claimed] == [row[0] for row in items[:2]]
+    assert redis_client.llen(redis_keys.batch_pending(batch.id)) == 1
+    assert redis_client.smembers(redis_keys.worker_jobs("taker@h")) == {job.id for job in claimed}
+    assert reaper(store, settings).reap_dead_workers() == [], "not while its heartbeat lives"
+    redis_client.delete(redis_keys.worker_alive("taker@h"))
+    assert sorted(reaper(store, settings).reap_dead_workers()) == sorted(job.id for job in claimed)
     assert redis_client.llen(redis_keys.model_batch_queue("unserved")) == 2

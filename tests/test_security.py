@@ -227,7 +227,7 @@ def test_an_unexpected_worker_error_reaches_the_client_as_a_stable_message(store
 
     from worker.ledger import Ledger
     from worker.registry import WorkerActivity
-    from worker.tasks import INTERNAL_ERROR_MESSAGE, _await_and_store
+    from worker.tasks import INTERNAL_ERROR_MESSAGE, await_final, store_final
 
     store.create(Job(id="boom", status=JobStatus.QUEUED, question="q", model="tiny-t5", created_at=time.time()))
     store.transition("boom", JobStatus.RUNNING, worker="w@h")
@@ -237,7 +237,10 @@ def test_an_unexpected_worker_error_reaches_the_client_as_a_stable_message(store
     )
     future: Future[object] = Future()
     future.set_exception(RuntimeError("CUDA error: device-side assert triggered at /opt/secret/path 0x7f3a"))
-    _await_and_store(resident, "boom", time.time(), time.time(), future)  # type: ignore[arg-type]
+    job = store.get("boom")
+    final = await_final(resident, job, time.time(), future)  # type: ignore[arg-type]
+    assert final is not None
+    store_final(resident, job, final)  # type: ignore[arg-type]
     error = store.get("boom").error
     assert error == {"type": "internal_error", "message": INTERNAL_ERROR_MESSAGE}
     assert "CUDA" not in str(error) and "/opt/secret" not in str(error)

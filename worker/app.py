@@ -14,7 +14,7 @@ from shared import redis_keys
 from shared.broker import ANSWER_TASK, make_celery
 from shared.config import Settings
 from shared.errors import RagqError
-from worker import runtime
+from worker import backlog, runtime
 from worker.tasks import run_job
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,12 @@ def create_app(settings: Settings) -> Celery:
         # In the worker's own process before it consumes; the thread pool never forks.
         try:
             # Celery's node name is the worker's one name: jobs record it, the heartbeat carries it.
-            runtime.current(settings, getattr(sender, "hostname", None))
+            resident = runtime.current(settings, getattr(sender, "hostname", None))
         except RagqError as exc:
             log.error("ragq worker: %s", exc.message)
             os._exit(2)
+        # Batch items come straight from their batches, not as Celery messages (worker.backlog).
+        backlog.start(resident)
 
     def note_received(request: Any = None, **_: Any) -> None:
         # In the consumer, the moment a message leaves Redis, before a pool thread runs its task.
@@ -100,12 +102,19 @@ def create_app(settings: Settings) -> Celery:
         # visibility timeout; recording it lets the reaper send it again at once if the worker dies.
         runtime.note_reserved(resident, job_id)
 
+    def stop_taking(**_: Any) -> None:
+        # A warm shutdown has begun: like Celery's consumer, the backlog takes nothing more.
+        backlog.stop_taking()
+
     def stop_model(**_: Any) -> None:
-        # After Celery's warm shutdown has let the running tasks finish: stops the engine process cleanly.
+        # After Celery's warm shutdown has let the running tasks finish: the backlog gives back what has not
+        # started and stores what has; then the engine process stops cleanly.
+        backlog.stop(settings.task_time_limit_s)
         runtime.shutdown()
 
     app.steps["consumer"].add(ReuseRedisClients)
     signals.worker_init.connect(load_before_consuming, weak=False)
+    signals.worker_shutting_down.connect(stop_taking, weak=False)
     signals.worker_shutdown.connect(stop_model, weak=False)
     signals.task_received.connect(note_received, weak=False)
     return app

@@ -1,6 +1,6 @@
 """The background duties of a worker process, each on a thread of its own, started and stopped together.
 
-A duty is a small class in a module of its own (`feeder`, `expiry`, `callbacks`, `liveness`, `audit`) that says
+A duty is a small class in a module of its own (`expiry`, `callbacks`, `liveness`, `audit`) that says
 what one round of it does (`step`) and how often it runs; `PeriodicLoop` is the one loop that runs any of them.
 A thread per duty means a slow round of one (expiring a 100,000-item batch takes seconds) never delays another:
 above all not the heartbeat, whose lapse gets this worker's jobs run again elsewhere.
@@ -23,7 +23,6 @@ from shared.store import JobStore
 from worker.audit import MessageAudit
 from worker.callbacks import CallbackSender
 from worker.expiry import Expiry
-from worker.feeder import Feeder
 from worker import metrics as worker_metrics
 from worker.liveness import Heartbeat, Reaper
 from worker.registry import WorkerActivity, WorkerRegistration, registration_for
@@ -89,7 +88,6 @@ class Duties:
     """The duties of one worker process; `start` runs each on its own thread."""
 
     heartbeat: Heartbeat
-    feeder: Feeder
     expiry: Expiry
     callbacks: CallbackSender
     reaper: Reaper
@@ -105,7 +103,6 @@ class Duties:
         settings: Settings,
         store: JobStore,
         worker_name: str,
-        feed_depth: int,
         registration: WorkerRegistration | None = None,
     ) -> Duties:
         """The duties of worker `worker_name` serving the model `settings.worker_spec`, not yet started;
@@ -115,7 +112,6 @@ class Duties:
         model_name = settings.worker_spec.name
         return cls(
             heartbeat=Heartbeat(store.redis, worker_name),
-            feeder=Feeder(batches, celery, model_name, feed_depth),
             expiry=Expiry(batches),
             callbacks=CallbackSender(
                 batches,
@@ -132,7 +128,7 @@ class Duties:
 
     def all(self) -> list[Duty]:
         """Every duty, the heartbeat first."""
-        return [self.heartbeat, self.feeder, self.expiry, self.callbacks, self.reaper, self.audit, self.registration]
+        return [self.heartbeat, self.expiry, self.callbacks, self.reaper, self.audit, self.registration]
 
     @property
     def activity(self) -> WorkerActivity:
@@ -159,9 +155,9 @@ class Duties:
 
 
 def start_duties(
-    settings: Settings, store: JobStore, worker_name: str, feed_depth: int, registration: WorkerRegistration | None = None
+    settings: Settings, store: JobStore, worker_name: str, registration: WorkerRegistration | None = None
 ) -> Duties:
     """Say this worker is alive, then start its background duties for the model `settings.worker_spec`."""
-    duties = Duties.from_settings(settings, store, worker_name, feed_depth, registration)
+    duties = Duties.from_settings(settings, store, worker_name, registration)
     duties.start()
     return duties

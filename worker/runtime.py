@@ -48,10 +48,6 @@ from worker.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
-# Backlog items kept on the model's batch queue, in microbatches: enough to fill microbatches, shallow enough
-# that a newly submitted batch starts within seconds.
-FEED_MICROBATCHES = 4
-
 # (max_microbatch_size, microbatch_wait_ms, max_microbatch_tokens) when not configured.
 MICROBATCH_DEFAULTS = {"cpu": (16, 20, 16_384), "cuda": (64, 5, 65_536)}
 
@@ -285,7 +281,7 @@ def load(settings: Settings, worker_name: str) -> Resident:
         served_by=generator.label,
         microbatcher=Microbatcher(answerer, caps.max_size, caps.wait_ms, handoff, lane=lane),
         handoff=handoff,
-        duties=start_duties(settings, store, worker_name, FEED_MICROBATCHES * caps.max_size, listed),
+        duties=start_duties(settings, store, worker_name, listed),
         ledger=Ledger(settings.execution_ledger),
         retriever=retriever,
     )
