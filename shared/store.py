@@ -259,33 +259,39 @@ local active, n = ARGV[6], tonumber(ARGV[7])
 local fx = new_effects()
 local claimed, taken = {}, 0
 local batches = redis.call('LLEN', active)
-while taken < n and batches > 0 do
-  local batch = redis.call('LMOVE', active, active, 'LEFT', 'RIGHT')
-  local ids = redis.call('LPOP', key('pending', batch), math.ceil((n - taken) / batches))
-  if ids then
-    for _, id in ipairs(ids) do
-      taken = taken + 1
-      local job_key = key('job', id)
-      local flat = redis.call('HGETALL', job_key)
-      local job = {}
-      for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
-      local before = {}
-      for i, name in ipairs(READ) do before[i] = job[name] end
-      if transition(job_key, 'running', allowed, fields, fx, before)[1] == 1 then
-        job['status'] = 'running'
-        job['attempts'] = tostring((tonumber(job['attempts'] or '0') or 0) + 1)
-        for i = 1, #fields, 2 do job[fields[i]] = fields[i + 1] end
-        local out = {}
-        for name, value in pairs(job) do
-          table.insert(out, name)
-          table.insert(out, value)
-        end
-        table.insert(claimed, out)
-      end
+local function claim(id)
+  taken = taken + 1
+  local job_key = key('job', id)
+  local flat = redis.call('HGETALL', job_key)
+  local job = {}
+  for i = 1, #flat, 2 do job[flat[i]] = flat[i + 1] end
+  local before = {}
+  for i, name in ipairs(READ) do before[i] = job[name] end
+  if transition(job_key, 'running', allowed, fields, fx, before)[1] == 1 then
+    job['status'] = 'running'
+    job['attempts'] = tostring((tonumber(job['attempts'] or '0') or 0) + 1)
+    for i = 1, #fields, 2 do job[fields[i]] = fields[i + 1] end
+    local out = {}
+    for name, value in pairs(job) do
+      table.insert(out, name)
+      table.insert(out, value)
     end
-  else
-    redis.call('LREM', active, 0, batch)
-    batches = batches - 1
+    table.insert(claimed, out)
+  end
+end
+while taken < n and batches > 0 do
+  -- One round: each batch in turn gives an equal share of what is still wanted.
+  local share = math.ceil((n - taken) / batches)
+  for _ = 1, batches do
+    if taken >= n or batches == 0 then break end
+    local batch = redis.call('LMOVE', active, active, 'LEFT', 'RIGHT')
+    local ids = redis.call('LPOP', key('pending', batch), math.min(share, n - taken))
+    if ids then
+      for _, id in ipairs(ids) do claim(id) end
+    else
+      redis.call('LREM', active, 0, batch)
+      batches = batches - 1
+    end
   end
 end
 flush(fx)

@@ -113,8 +113,9 @@ class Answerer:
         object.__setattr__(self, "fitter", prompt_fitter(preparing, self.template))
 
     def prepare(self, items: Sequence[MicrobatchItem]) -> PreparedMicrobatch:
-        """Skip jobs cancelled while they waited; retrieve and build the prompts of the rest."""
-        live = self._still_running(items, range(len(items)))
+        """Retrieve and build the prompts. (Jobs cancelled meanwhile are left out at `launch`, the one status
+        read per microbatch: their jobs were claimed moments ago, and retrieval costs less than a read.)"""
+        live = list(range(len(items)))
         questions = [items[i].payload for i in live]
         return PreparedMicrobatch(live, prepare_questions(questions, self.retriever, self.preparing, self.fitter))
 
