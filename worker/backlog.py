@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 
+from shared import redis_keys
 from shared.jobs import Job
 from worker import metrics as worker_metrics
 from worker.runtime import Resident
@@ -42,9 +43,11 @@ from worker.tasks import Final, failure, final_of, recorded, start_job, store_fi
 
 log = logging.getLogger(__name__)
 
-# Microbatches' worth of items held at once: one on the model, one prepared behind it, one being taken and
-# prepared; fewer leaves the model waiting for the next take, more only holds items other workers could run.
-HELD_MICROBATCHES = 3
+# Microbatches' worth of items held at once: one on the model and one prepared behind it. When the one on the
+# model ends and is stored, the next is taken and prepared while the one behind it runs. More would only hold
+# items that idle workers could run: at the end of a drain a worker finishes at most one microbatch after
+# the others.
+HELD_MICROBATCHES = 2
 # With nothing pending, look again after this long: how late a new batch can start on an idle worker.
 TAKE_IDLE_S = 0.2
 # After a failed take or store (Redis away), wait this long before the next try.
@@ -112,7 +115,19 @@ class Backlog:
                 time.sleep(RETRY_PAUSE_S)
                 continue
             if taken == 0:
-                time.sleep(self.idle_s)
+                self._wait_for_pending()
+
+    def _wait_for_pending(self) -> None:
+        """Idle: look every `idle_s` whether the model has an active batch, with one `LLEN` (the claim script
+        costs Redis and this process more), until it has or the taker stops."""
+        key = redis_keys.active_batches(self.resident.model_name)
+        while self._taking.is_set():
+            time.sleep(self.idle_s)
+            try:
+                if self.resident.store.redis.llen(key):
+                    return
+            except redis.RedisError:
+                return  # the take reports it
 
     def take(self, room: int) -> int:
         """Claim up to `room` items and start them; how many were claimed."""
