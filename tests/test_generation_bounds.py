@@ -58,7 +58,9 @@ def post_job(client: FlaskClient, raw: str) -> Any:
 
 @pytest.mark.parametrize(("params", "accepted"), CASES, ids=[json.dumps(p) for p, _ in CASES])
 def test_job_generation_params_are_bounded(client: FlaskClient, redis_client: redis.Redis, params: dict[str, Any], accepted: bool) -> None:
-    response = post_job(client, json.dumps({**VALID, "params": params}))
+    # A model no worker serves: an accepted job stays queued, so a session-wide worker cannot write its claim
+    # into Redis during a later case's check that a refused one left nothing.
+    response = post_job(client, json.dumps({**VALID, "model": "unserved", "params": params}))
     if accepted:
         assert response.status_code == 202, response.get_json()
         return
