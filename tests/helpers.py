@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -36,6 +37,15 @@ class WorkerProcess:
     def stop(self) -> None:
         """SIGTERM the worker's process group (pool processes included), wait, SIGKILL what is left."""
         processes.stop_groups([self.process])
+
+    def drain(self, timeout_s: float = 60) -> tuple[float, float]:
+        """SIGTERM the worker's main process alone (Celery's warm shutdown) and wait for it to exit cleanly;
+        when the signal went (epoch seconds) and how long the exit took."""
+        sigterm_at = time.time()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout_s)
+        assert self.process.returncode == 0, self.log()[-3000:]
+        return sigterm_at, time.time() - sigterm_at
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:

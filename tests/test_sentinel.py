@@ -257,7 +257,19 @@ def test_failover_under_load_loses_no_accepted_job(
         refused = Counter(s.status for s in submissions if s.status != 202)
         outage_s = (min(back) if back else float("inf")) - killed_at
         # The subscription followed the primary: a long-poll is woken by its job's end, not by its timeout.
-        probe = http.post("/v1/jobs", json={"question": "after the failover", "params": {"max_new_tokens": 4}})
+        # A 503 (the new primary's replica not yet caught up: `replicas_not_acked`) is retried with the same
+        # Idempotency-Key, as the README tells clients to.
+        probe_deadline = time.monotonic() + 30
+        while True:
+            probe = http.post(
+                "/v1/jobs",
+                json={"question": "after the failover", "params": {"max_new_tokens": 4}},
+                headers={"Idempotency-Key": "failover-probe"},
+            )
+            if probe.status_code in (200, 202) or time.monotonic() > probe_deadline:
+                break
+            time.sleep(0.5)
+        assert probe.status_code in (200, 202), probe.get_json()
         polled_at = time.monotonic()
         polled = http.get(f"/v1/jobs/{probe.get_json()['id']}?wait={LONG_POLL_S}").get_json()
         poll_s = time.monotonic() - polled_at
