@@ -174,11 +174,12 @@ def recorded(resident: Resident, job: Job, final: Final, outcome: Transition) ->
     if not outcome.applied:
         log.info("result of job %s discarded: status became %s meanwhile", job.id, outcome.previous)
         return None
+    # The ledger first: a client that saw the result may read it at once (tests compare it with the results).
+    resident.ledger.record("result", job.id, resident.worker_name, status=final.status.value)
     if final.status is JobStatus.SUCCEEDED:
         resident.duties.activity.succeeded(job)
     else:
         resident.duties.activity.failed(job, final.error_type or "internal_error", final.message or "")
-    resident.ledger.record("result", job.id, resident.worker_name, status=final.status.value)
     return final.status
 
 
