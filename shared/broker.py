@@ -86,10 +86,6 @@ return tostring(now)
 # of a queue to tell whether a job's message has left it (see `worker.audit`).
 SENT_HEADER = "ragq_sent"
 
-# Redis commands buffered by one publish batch before it is flushed (one LPUSH per message).
-PUBLISH_BATCH_MAX = 1000
-
-
 def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> str:
     """Note the jobs as sent now (Redis's clock; returned): from here on the message audit sees they get a message."""
     return str(client.register_script(_MARK_SENT_LUA)(keys=[redis_keys.sent(model_name)], args=job_ids))
@@ -98,35 +94,13 @@ def mark_sent(client: redis.Redis, model_name: str, job_ids: list[str]) -> str:
 def enqueue(
     app: Celery, client: redis.Redis, job_id: str, model_name: str, *, batch_item: bool = False, sent_at: str | None = None
 ) -> None:
-    """Put a job on its model's queue (interactive or batch), by task name, so the API never imports worker code."""
-    enqueue_many(app, client, [job_id], model_name, batch_item=batch_item, sent_at=sent_at)
-
-
-def enqueue_many(
-    app: Celery,
-    client: redis.Redis,
-    job_ids: list[str],
-    model_name: str,
-    *,
-    batch_item: bool = False,
-    sent_at: str | None = None,
-) -> None:
-    """Send one message per job, first noting them as sent (unless the caller did: `sent_at` from `mark_sent`),
-    so the message audit can find any that is lost (see `worker.audit`)."""
-    if not job_ids:
-        return
+    """Put a job on its model's queue (interactive or batch), by task name, so the API never imports worker code;
+    first noted as sent (unless the caller did: `sent_at` from `mark_sent`), so the message audit can find it if
+    the message is lost (see `worker.audit`)."""
     if sent_at is None:
-        sent_at = mark_sent(client, model_name, job_ids)
+        sent_at = mark_sent(client, model_name, [job_id])
     queue = redis_keys.model_batch_queue(model_name) if batch_item else redis_keys.model_queue(model_name)
-    if len(job_ids) == 1:
-        app.send_task(ANSWER_TASK, args=job_ids, queue=queue, headers={SENT_HEADER: sent_at})
-        return
-    # Many (the feeder's): one producer and one Redis pipeline for all of them (kombu's publish batch) instead of
-    # a pool checkout, a client and a round trip per message; a failed flush raises, and the jobs, noted as sent,
-    # are sent again by the message audit.
-    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH_MAX):
-        for job_id in job_ids:
-            app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at}, producer=producer)
+    app.send_task(ANSWER_TASK, args=[job_id], queue=queue, headers={SENT_HEADER: sent_at})
 
 
 def send_again(app: Celery, client: redis.Redis, job: Job, *, sent_at: str | None = None) -> None:

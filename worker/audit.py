@@ -1,9 +1,9 @@
 """The message audit: finds the messages of this model's jobs that were lost on their way to a worker, and sends
 them again.
 
-Guarantees: a job of this model whose message was sent (`shared.broker.enqueue_many` notes every send in
-`ragq:sent:<model>` with Redis's clock, and the feeder notes the batch items it takes) and that still waits for
-it `MESSAGE_STALE_S` later (queued, or running under a dead worker or none) gets a new message, every
+Guarantees: a job of this model whose message was sent (`shared.broker.enqueue` notes every send in
+`ragq:sent:<model>` with Redis's clock; batch items get no message until one is sent again) and that still
+waits for it `MESSAGE_STALE_S` later (queued, or running under a dead worker or none) gets a new message, every
 `AUDIT_EVERY_S`, in every worker of the model: whether its message was dropped between Kombu's `BRPOP` and its
 `unacked` record, delivered to a consumer whose connection died, or never sent because its sender died. A false
 alarm only sends a second message, which the job state machine makes harmless. One Lua script decides (see

@@ -36,10 +36,10 @@ from typing import Any
 import redis
 
 from shared import redis_keys
-from shared.jobs import Job
+from shared.jobs import Job, JobStatus
 from worker import metrics as worker_metrics
 from worker.runtime import Resident
-from worker.tasks import Final, failure, final_of, recorded, start_job, store_final
+from worker.tasks import STORE_BLIPS, Final, failure, final_of, recorded, start_job, store_final
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class Backlog:
                 finals.append((held, final))
         outcomes = self._finish(finals) if finals else []
         for (held, final), outcome in zip(finals, outcomes, strict=True):
-            if not outcome.applied and outcome.previous is not None and outcome.previous.value == "queued":
+            if not outcome.applied and outcome.previous is JobStatus.QUEUED:
                 # Redis lost this worker's claim (a crash inside its fsync window): claim again and store alone.
                 store_final(self.resident, held.job, final)
             else:
@@ -217,7 +217,7 @@ class Backlog:
         while True:
             try:
                 return self.resident.store.finish_many([(h.job.id, f.status, f.fields) for h, f in finals])
-            except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+            except STORE_BLIPS as exc:
                 worker_metrics.error(exc, "store")
                 log.warning("cannot store %d backlog results: %s; trying again", len(finals), exc)
                 time.sleep(RETRY_PAUSE_S)
@@ -275,8 +275,7 @@ def start(resident: Resident) -> Backlog:
     """Start taking this worker's backlog items (once per process)."""
     global _backlog
     if _backlog is None:
-        caps = resident.microbatcher.max_size
-        _backlog = Backlog(resident, HELD_MICROBATCHES * caps)
+        _backlog = Backlog(resident, HELD_MICROBATCHES * resident.microbatcher.max_size)
         _backlog.start()
     return _backlog
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STORE_RETRY_S = 120
+# Redis errors a store waits out (a restart, a failover) instead of giving up a computed answer.
+STORE_BLIPS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
 # What a client learns of an unexpected failure; the worker's log has the exception, under the job's id.
 INTERNAL_ERROR_MESSAGE = "the worker could not answer this job because of an internal error; its log has the details"
 
@@ -203,7 +205,7 @@ def _retrying(operation: Callable[[], T]) -> T:
     while True:
         try:
             return operation()
-        except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError) as exc:
+        except STORE_BLIPS as exc:
             worker_metrics.error(exc, "store")
             if time.monotonic() > deadline:
                 raise
